@@ -1,0 +1,211 @@
+"""``attend``: one attention call over masks x normalizers x positions x backends.
+
+Layout ``[batch, seq, heads, head_dim]``; ``k``/``v`` may have fewer heads than ``q`` (GQA,
+query head ``h`` reads kv head ``h // (Hq // Hkv)``). q and k go in unrotated: ``attend``
+applies the position encoding, because LM-Infinite's distance limit scores the same pair two
+ways. Positions are absolute (``int32 [batch, seq]``, default ``arange``), so masks stay right
+under KV caches, ring shards and packing; segment ids add ``q_seg == kv_seg`` to the mask.
+
+Streaming backends (``xla`` and the Pallas kernels) implement one *pass*: ``(out, lse)`` of an
+online softmax over the normalizer's log-weights for one mask. This module runs the passes
+(LSSAR needs two), the visible-key count of LSSA, and LM-Infinite's two branches, joined with
+the normalizer's ``merge``:
+
+* local branch: ``mask & Local(window)`` at the true positions;
+* sink branch: ``mask & Beyond(window)`` with q encoded at position ``D`` and k at 0, i.e.
+  score ``q_i^T R(D) k_j`` (ALiBi: bias ``-m_h D``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcattn import masks as masks_lib
+from lcattn import normalizers as norms_lib
+from lcattn import positions as pos_lib
+
+BACKENDS = ("auto", "reference", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What an attention layer computes: mask, normalizer, position encoding, distance limit.
+
+    ``distance_limit=D`` (LM-Infinite) needs ``mask=Lambda(window, n_global)``: visible keys at
+    distance ``>= window`` are scored as if at distance ``D``.
+    """
+
+    mask: masks_lib.Mask = masks_lib.Causal()
+    normalizer: norms_lib.Normalizer = norms_lib.Softmax()
+    position: pos_lib.Position = pos_lib.RoPE()
+    distance_limit: int | None = None
+
+    def __post_init__(self):
+        for name, value, kind in (("mask", self.mask, masks_lib.Mask),
+                                  ("normalizer", self.normalizer, norms_lib.Normalizer),
+                                  ("position", self.position, pos_lib.Position)):
+            if not isinstance(value, kind):
+                raise ValueError(f"AttentionSpec: `{name}` must be a {kind.__module__}."
+                                 f"{kind.__name__}, got {value!r}")
+        if self.distance_limit is not None:
+            d = self.distance_limit
+            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+                raise ValueError(f"AttentionSpec: `distance_limit` must be None or an integer "
+                                 f">= 1, got {d!r}")
+            if not isinstance(self.mask, masks_lib.Lambda):
+                raise ValueError("AttentionSpec: `distance_limit` requires mask=Lambda(window, "
+                                 f"n_global) (LM-Infinite), got mask={self.mask!r}")
+
+    def branches(self, q_pos, k_pos):
+        """``[(mask, q_enc_pos, k_enc_pos)]``: one branch, or LM-Infinite's local + sink branches."""
+        if self.distance_limit is None:
+            return [(self.mask, q_pos, k_pos)]
+        w = self.mask.window
+        return [(self.mask & masks_lib.Local(w), q_pos, k_pos),
+                (self.mask & masks_lib.Beyond(w), jnp.full_like(q_pos, self.distance_limit),
+                 jnp.zeros_like(k_pos))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Validated position / segment arrays (``int32 [B, T]``; segments may be None)."""
+
+    q_pos: jax.Array | np.ndarray
+    k_pos: jax.Array | np.ndarray
+    q_seg: jax.Array | None
+    kv_seg: jax.Array | None
+    default_k_pos: bool
+
+
+def _positions(name, value, batch, length):
+    if value is None:
+        return np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+    arr = value if isinstance(value, jax.Array) else np.asarray(value)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != length or arr.shape[0] not in (1, batch):
+        raise ValueError(f"`{name}` must have shape [batch={batch}, seq={length}] or [seq], "
+                         f"got {tuple(np.shape(value))}")
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"`{name}` must hold integers, got dtype {arr.dtype}")
+    xp = jnp if isinstance(arr, jax.Array) else np
+    return xp.broadcast_to(arr.astype(np.int32), (batch, length))
+
+
+def validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids) -> Inputs:
+    """Shape / dtype checks with messages that name the argument."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"`{name}` must be [batch, seq, heads, head_dim], got shape "
+                             f"{jnp.shape(x)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"`{name}` must be a floating dtype, got {x.dtype}")
+    (b, tq, hq, d), (bk, tk, hk, dk), (bv, tv, hv, _) = q.shape, k.shape, v.shape
+    if not (b == bk == bv):
+        raise ValueError(f"batch sizes differ: q {b}, k {bk}, v {bv}")
+    if tk != tv or hk != hv:
+        raise ValueError(f"`k` {k.shape} and `v` {v.shape} must agree on seq and heads")
+    if d != dk:
+        raise ValueError(f"`q` head_dim {d} != `k` head_dim {dk}")
+    if min(tq, tk) < 1:
+        raise ValueError(f"sequences must be non-empty, got q seq {tq}, k seq {tk}")
+    if hq % hk:
+        raise ValueError(f"GQA: query heads ({hq}) must be a multiple of kv heads ({hk})")
+    segs = (q_segment_ids, kv_segment_ids)
+    if (segs[0] is None) != (segs[1] is None):
+        raise ValueError("`q_segment_ids` and `kv_segment_ids` must be given together")
+    q_seg = None if segs[0] is None else jnp.asarray(
+        _positions("q_segment_ids", segs[0], b, tq))
+    kv_seg = None if segs[1] is None else jnp.asarray(
+        _positions("kv_segment_ids", segs[1], b, tk))
+    return Inputs(_positions("q_positions", q_positions, b, tq),
+                  _positions("k_positions", k_positions, b, tk), q_seg, kv_seg,
+                  k_positions is None)
+
+
+def _visible_counts(pass_fn, q, k, spec, inp: Inputs):
+    """``N_i`` as float32 ``[B, Tq]``: analytic for default key positions, else a counting pass."""
+    tk = k.shape[1]
+    if inp.default_k_pos and inp.q_seg is None:
+        return jnp.asarray(spec.mask.count(inp.q_pos, 0, tk - 1), jnp.float32)
+    ones = jnp.zeros(q.shape[:2] + (1,), jnp.float32)
+    ctx = {"count": ones, "q_pos": ones, "lse": ones}
+    _, lse = pass_fn(q[:, :, :1], k[:, :, :1], None, ctx, inp.q_pos, inp.k_pos, inp.q_seg,
+                     inp.kv_seg, None, mask=spec.mask, normalizer=norms_lib.VisibleCount(),
+                     pass_idx=0)
+    return jnp.round(jnp.exp(jax.lax.stop_gradient(lse[..., 0])))
+
+
+def streaming_attend(pass_fn: Callable, q, k, v, spec: AttentionSpec, inp: Inputs):
+    """Run ``spec`` with a streaming backend's ``pass_fn``; returns ``[B, Tq, Hq, Dv]``.
+
+    ``pass_fn(q, k, v|None, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer,
+    pass_idx) -> (out [B,Tq,Hq,Dv] f32 | None, lse [B,Tq,Hq])`` with prepared (rotated,
+    scaled) ``q``/``k``, ``ctx`` a dict of ``[B, Tq, Hq]`` float32 row arrays and ``bias``
+    None or ``(q_bias_pos, k_bias_pos, slopes [Hq])`` for ALiBi.
+    """
+    norm = spec.normalizer
+    b, tq, hq, _ = q.shape
+    rows = (b, tq, hq)
+    q_pos_f = jnp.broadcast_to(jnp.asarray(inp.q_pos, jnp.float32)[..., None], rows)
+    ctx = {"count": jnp.ones(rows, jnp.float32), "q_pos": q_pos_f,
+           "lse": jnp.zeros(rows, jnp.float32)}
+    log_count = jnp.zeros((b, tq, 1), jnp.float32)
+    if norm.needs_count:
+        count = _visible_counts(pass_fn, q, k, spec, inp)
+        ctx["count"] = jnp.broadcast_to(count[..., None], rows)
+        log_count = jnp.log(jnp.maximum(count, 1.0))[..., None]
+    slopes = spec.position.slopes(hq)
+    branches = []
+    for mask, qe, ke in spec.branches(inp.q_pos, inp.k_pos):
+        qb, kb = norm.prepare(spec.position.rotate(q, qe), spec.position.rotate(k, ke), log_count)
+        bias = None if slopes is None else (qe, ke, slopes)
+        branches.append((mask, qb.astype(q.dtype), kb.astype(k.dtype), bias))
+    out = None
+    for pass_idx in range(norm.num_passes):
+        vp = v if norm.uses_values(pass_idx) else None
+        state = None
+        for mask, qb, kb, bias in branches:
+            o, lse = pass_fn(qb, kb, vp, ctx, inp.q_pos, inp.k_pos, inp.q_seg, inp.kv_seg, bias,
+                             mask=mask, normalizer=norm, pass_idx=pass_idx)
+            part = norm.from_result(o, lse)
+            state = part if state is None else norm.merge(state, part)
+        out, ctx["lse"] = norm.finalize(state)
+    return out.astype(q.dtype)
+
+
+def _resolve(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    return "xla" if backend == "auto" else backend
+
+
+def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
+           q_segment_ids=None, kv_segment_ids=None, backend: str = "auto", interpret=None,
+           block_sizes: tuple[int, int] | None = None):
+    """Attention ``[B, Tq, Hq, D] x [B, Tk, Hkv, D] x [B, Tk, Hkv, Dv] -> [B, Tq, Hq, Dv]``.
+
+    Args:
+      spec: mask, normalizer, position encoding and distance limit.
+      q_positions, k_positions: absolute positions ``int32 [B, T]`` (or ``[T]``); default
+        ``arange(T)`` for both (pass positions explicitly when decoding against a cache).
+      q_segment_ids, kv_segment_ids: optional ``int32 [B, T]``; keys are visible only within
+        the query's segment (packing).
+      backend: ``"reference"`` (dense oracle), ``"xla"`` (blockwise, skips empty tiles), or
+        ``"auto"``.
+      interpret: for Pallas backends; ignored by ``reference`` and ``xla``.
+      block_sizes: ``(block_q, block_k)`` for blockwise backends.
+    """
+    if not isinstance(spec, AttentionSpec):
+        raise ValueError(f"`spec` must be an AttentionSpec, got {spec!r}")
+    backend = _resolve(backend)
+    inp = validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids)
+    if backend == "reference":
+        from lcattn.backends import reference
+        return reference.attend(q, k, v, spec, inp)
+    from lcattn.backends import xla
+    return streaming_attend(xla.pass_fn(block_sizes), q, k, v, spec, inp)

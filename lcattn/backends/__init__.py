@@ -1,0 +1,1 @@
+"""Attention backends: ``reference`` (dense oracle) and ``xla`` (blockwise, block-sparse)."""

@@ -1,0 +1,1 @@
+"""Generic block-sparse attention machinery; knows nothing of lcattn (see protocols.py)."""
