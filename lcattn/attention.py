@@ -164,7 +164,7 @@ def streaming_attend(pass_fn: Callable, q, k, v, spec: AttentionSpec, inp: Input
     for mask, qe, ke in spec.branches(inp.q_pos, inp.k_pos):
         qb, kb = norm.prepare(spec.position.rotate(q, qe), spec.position.rotate(k, ke), log_count)
         bias = None if slopes is None else (qe, ke, slopes)
-        branches.append((mask, qb.astype(q.dtype), kb.astype(k.dtype), bias))
+        branches.append((mask, qb, kb, bias))  # float32: LSSAR's power amplifies rounding
     out = None
     for pass_idx in range(norm.num_passes):
         vp = v if norm.uses_values(pass_idx) else None

@@ -1,0 +1,144 @@
+"""The ``xla`` backend against the ``reference`` oracle: forward and gradients over masks x
+normalizers x GQA x dtypes, segment ids, decoding shapes, padding, and random shapes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import lcattn
+from lcattn import masks as M, normalizers as N, positions as P
+from tests.helpers import assert_close, outputs_and_grads, qkv
+
+MASKS = {
+    "full": (M.Full(), None), "causal": (M.Causal(), None), "local": (M.Local(5), None),
+    "chunked": (M.Chunked(8), None), "lambda": (M.Lambda(6, 3), None),
+    "lambda_limit": (M.Lambda(6, 3), 9),
+}
+NORMS = {"softmax": N.Softmax(), "lssa": N.Softplus(), "lssar": N.Reweighted()}
+
+
+def compare(q, k, v, spec, blocks=(8, 8), **kw):
+    ref_out, ref_grads = outputs_and_grads(q, k, v, spec, "reference", **kw)
+    out, grads = outputs_and_grads(q, k, v, spec, "xla", block_sizes=blocks, **kw)
+    assert out.dtype == q.dtype and out.shape == ref_out.shape
+    assert_close(out, ref_out, q.dtype)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == q.dtype, name
+        assert_close(g, rg, q.dtype, scale_by_max=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("norm", NORMS, ids=str)
+@pytest.mark.parametrize("mask", MASKS, ids=str)
+def test_matches_reference(mask, norm, heads, dtype):
+    m, limit = MASKS[mask]
+    spec = lcattn.AttentionSpec(m, NORMS[norm], P.RoPE(), limit)
+    compare(*qkv(0, 2, 29, 29, heads[0], heads[1], 16, dtype), spec)
+
+
+@pytest.mark.parametrize("norm", [N.Softmax(softcap=3.0), N.Softmax(scale=0.5), N.Softplus(),
+                                  N.Reweighted(p=2, warmup_rows=5)], ids=repr)
+@pytest.mark.parametrize("position", [P.ALiBi(), P.NoPE(), P.RoPE(scaling=P.YaRN(4, 16))],
+                         ids=repr)
+def test_positions_and_normalizer_options(position, norm):
+    spec = lcattn.AttentionSpec(M.Lambda(7, 2), norm, position, distance_limit=5)
+    compare(*qkv(1, 1, 26, 26, 6, 3, 8), spec)
+
+
+def _packed(b, t, n_docs, seed):
+    """Segment ids of ``n_docs`` random-length documents and per-document positions."""
+    rng = np.random.default_rng(seed)
+    seg = np.sort(rng.integers(0, n_docs, size=(b, t)), axis=1).astype(np.int32)
+    starts = np.array([[np.argmax(row == s) for s in row] for row in seg])
+    return seg, (np.arange(t)[None] - starts).astype(np.int32)
+
+
+@pytest.mark.parametrize("norm", NORMS, ids=str)
+@pytest.mark.parametrize("mask", ["causal", "full", "lambda_limit"], ids=str)
+def test_segment_ids_and_document_positions(mask, norm):
+    m, limit = MASKS[mask]
+    seg, pos = _packed(2, 30, 4, seed=3)
+    spec = lcattn.AttentionSpec(m, NORMS[norm], P.RoPE(), limit)
+    compare(*qkv(2, 2, 30, 30, 4, 2, 8), spec, q_positions=pos, k_positions=pos,
+            q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg))
+
+
+@pytest.mark.parametrize("norm", NORMS, ids=str)
+@pytest.mark.parametrize("tq", [1, 5])
+def test_decode_shapes_tq_ne_tk(tq, norm):
+    tk = 40
+    qpos = np.arange(tk - tq, tk, dtype=np.int32)
+    spec = lcattn.AttentionSpec(M.Lambda(8, 4), NORMS[norm], P.RoPE(), distance_limit=8)
+    compare(*qkv(4, 2, tq, tk, 4, 1, 8), spec, blocks=(4, 16), q_positions=qpos)
+
+
+def test_sparse_cache_positions():
+    """A sink + ring-buffer cache: keys at positions {0..3} and the last 8, out of order."""
+    qpos = np.array([100], np.int32)
+    kpos = np.array([0, 1, 2, 3, 96, 97, 98, 99, 100, 93, 94, 95], np.int32)
+    spec = lcattn.AttentionSpec(M.Lambda(8, 4), N.Reweighted(), P.RoPE(), distance_limit=8)
+    compare(*qkv(5, 1, 1, 12, 2, 2, 8), spec, blocks=(1, 4), q_positions=qpos, k_positions=kpos)
+
+
+def test_padding_when_blocks_do_not_divide():
+    spec = lcattn.AttentionSpec(M.Causal(), N.Softplus(), P.RoPE())
+    compare(*qkv(6, 1, 37, 37, 2, 1, 8), spec, blocks=(8, 16))
+
+
+def test_traced_positions_under_jit():
+    q, k, v = qkv(7, 2, 20, 20, 2, 2, 8)
+    spec = lcattn.AttentionSpec(M.Lambda(5, 2), N.Softplus(), P.RoPE())
+    pos = jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32) + 3, (2, 20))
+    f = jax.jit(lambda q, k, v, p: lcattn.attend(q, k, v, spec, q_positions=p, k_positions=p,
+                                                 backend="xla", block_sizes=(4, 4)))
+    want = lcattn.attend(q, k, v, spec, q_positions=pos, k_positions=pos, backend="reference")
+    assert_close(f(q, k, v, pos), want, jnp.float32)
+
+
+def test_fully_masked_rows_are_zero_with_finite_grads():
+    q, k, v = qkv(8, 1, 6, 6, 2, 2, 8)
+    qseg = jnp.asarray([[0, 0, 1, 1, 9, 9]], jnp.int32)  # segment 9 has no keys
+    kseg = jnp.asarray([[0, 0, 1, 1, 2, 2]], jnp.int32)
+    for norm in NORMS.values():
+        spec = lcattn.AttentionSpec(M.Causal(), norm, P.RoPE())
+        out, grads = outputs_and_grads(q, k, v, spec, "xla", block_sizes=(2, 2),
+                                       q_segment_ids=qseg, kv_segment_ids=kseg)
+        np.testing.assert_array_equal(np.asarray(out[:, 4:]), 0.0)
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def test_single_token():
+    for norm in NORMS.values():
+        compare(*qkv(9, 1, 1, 1, 1, 1, 4), lcattn.AttentionSpec(M.Causal(), norm, P.RoPE()))
+
+
+def test_lambda_at_longer_length():
+    spec = lcattn.AttentionSpec(M.Lambda(64, 8), N.Softmax(), P.RoPE(), distance_limit=64)
+    compare(*qkv(10, 1, 1024, 1024, 2, 1, 16), spec, blocks=(64, 64))
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 2), tq=st.integers(1, 33), extra_k=st.integers(0, 12),
+       group=st.sampled_from([1, 2, 3]), hk=st.integers(1, 2), d=st.sampled_from([4, 8]),
+       window=st.integers(1, 20), n_global=st.integers(0, 6), bq=st.integers(1, 12),
+       bk=st.integers(1, 12), norm=st.sampled_from(list(NORMS)))
+def test_random_shapes_hypothesis(b, tq, extra_k, group, hk, d, window, n_global, bq, bk, norm):
+    tk = tq + extra_k
+    qpos = np.arange(extra_k, tk, dtype=np.int32)  # queries are the last tq tokens
+    spec = lcattn.AttentionSpec(M.Lambda(window, n_global), NORMS[norm], P.RoPE())
+    q, k, v = qkv(11, b, tq, tk, hk * group, hk, d)
+    want = lcattn.attend(q, k, v, spec, q_positions=qpos, backend="reference")
+    got = lcattn.attend(q, k, v, spec, q_positions=qpos, backend="xla", block_sizes=(bq, bk))
+    assert_close(got, want, jnp.float32)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_sizes=(0, 8)), "block_q"),
+    (dict(backend="pallas_cuda"), "backend"),
+])
+def test_bad_arguments(kwargs, match):
+    q, k, v = qkv(0, 1, 8, 8, 2, 2, 4)
+    with pytest.raises(ValueError, match=match):
+        lcattn.attend(q, k, v, lcattn.AttentionSpec(), **kwargs)
