@@ -142,3 +142,23 @@ def test_bad_arguments(kwargs, match):
     q, k, v = qkv(0, 1, 8, 8, 2, 2, 4)
     with pytest.raises(ValueError, match=match):
         lcattn.attend(q, k, v, lcattn.AttentionSpec(), **kwargs)
+
+
+def test_lssar_one_query_against_a_million_keys():
+    """LSSAR at 2^20 keys stays finite in float32 and equals a float64 numpy computation."""
+    t, d = 2**20, 4
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.normal(size=(1, n, 1, d)) for n in (1, t, t))
+    spec = lcattn.AttentionSpec(M.Full(), N.Reweighted(p=15), P.NoPE())
+    got = lcattn.attend(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), spec, backend="xla",
+                        q_positions=np.array([t - 1], np.int32), block_sizes=(1, 8192))
+    qn = q[0, 0, 0] / np.linalg.norm(q[0, 0, 0])
+    kn = k[0, :, 0] / np.linalg.norm(k[0, :, 0], axis=-1, keepdims=True)
+    s = np.log(d) * np.log(t) * (kn @ qn)
+    a = np.logaddexp(0.0, s)
+    a /= a.sum()
+    r = np.maximum(t * a - 1.0, 0.0)
+    w = (r / r.max()) ** 15
+    want = (w / w.sum()) @ v[0, :, 0]
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got)[0, 0, 0], want, rtol=2e-3, atol=2e-4)
