@@ -1,0 +1,116 @@
+"""Synthetic long-context tasks, byte-level (token = byte, vocabulary 256 unless stated).
+
+Passkey retrieval (LM-Infinite / Landmark format). The prompt is five parts joined by ``"\\n"``::
+
+    PREFIX \\n FILLER[:a] \\n NEEDLE \\n FILLER[a:n] \\n QUERY
+
+with ``PREFIX``, ``NEEDLE`` (``"The pass key is K. Remember it. K is the pass key."``) and
+``QUERY`` (``"What is the pass key? The pass key is"``) below, and ``FILLER`` the sentence block
+``FILLER_UNIT + " "`` repeated and cut to exactly ``n`` bytes (the cut may fall mid-word).
+
+- Length rule: ``n = target_length - (len(PREFIX) + len(NEEDLE) + len(QUERY) + 4)``, so the
+  prompt is exactly ``target_length`` tokens; the smallest valid ``target_length`` is the value
+  at ``n = 0`` (``passkey_min_length(digits)``; 247 for 5 digits).
+- Depth rule: ``a = round(depth * n)`` (Python's round, half to even), so the needle starts at
+  token ``needle_start = len(PREFIX) + 1 + a + 1``: depth 0 puts it right after the prefix,
+  depth 1 right before the query.
+- The answer is ``" K"`` *with* its leading space (the prompt ends with ``"is"``), i.e. the
+  ``digits + 1`` tokens a model should produce next.
+
+MQAR (multi-query associative recall, Zoology style) layout of one row of ``seq_len`` tokens,
+``P = num_pairs``::
+
+    k_1 v_1 k_2 v_2 ... k_P v_P | 0 ... 0 k_σ(1) 0 ... k_σ(2) 0 ... 0
+
+With ``V = vocab_size`` and ``h = (V - 1) // 2``, keys are drawn from ``[1, 1 + h)`` and values
+from ``[1 + h, V)``, both without replacement within a row; token 0 is filler. After the ``2P``
+context tokens every key is queried once, in a random order ``σ``, at ``P`` distinct uniformly
+drawn positions of the remaining ``seq_len - 2P``. At a query position ``q``: ``targets[q]`` is
+the key's value and ``loss_mask[q] = 1``; everywhere else ``targets = 0`` and ``loss_mask = 0``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from experiments.data import encode
+
+PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+          "memorize them. I will quiz you about the important information there.")
+FILLER_UNIT = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+               "There and back again.")
+QUERY = "What is the pass key? The pass key is"
+
+
+def _needle(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def passkey_min_length(digits: int = 5) -> int:
+    """Shortest prompt (no filler) for a ``digits``-digit key."""
+    return len(PREFIX) + len(_needle("0" * digits)) + len(QUERY) + 4
+
+
+def passkey_example(target_length: int, depth: float, *, digits: int = 5,
+                    seed: int = 0) -> dict:
+    """One passkey prompt of exactly ``target_length`` byte tokens (rules in the module doc).
+
+    Returns dict(prompt=int32 [target_length], answer=int32 tokens of ``" K"`` (leading space
+    included), key=str of ``digits`` digits (first digit non-zero), needle_start=int index of
+    the needle's first token in ``prompt``).
+    """
+    if not isinstance(digits, int) or digits < 1:
+        raise ValueError(f"digits must be an int >= 1, got {digits!r}")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth!r}")
+    minimum = passkey_min_length(digits)
+    if target_length < minimum:
+        raise ValueError(f"target_length={target_length} is too short: a {digits}-digit passkey "
+                         f"prompt needs at least {minimum} tokens")
+    rng = np.random.default_rng(seed)
+    key = str(rng.integers(10 ** (digits - 1), 10 ** digits))
+    n = target_length - minimum
+    filler = (FILLER_UNIT + " ") * (n // (len(FILLER_UNIT) + 1) + 1)
+    a = int(round(depth * n))
+    prompt = "\n".join([PREFIX, filler[:a], _needle(key), filler[a:n], QUERY])
+    return dict(prompt=encode(prompt), answer=encode(" " + key), key=key,
+                needle_start=len(PREFIX) + 1 + a + 1)
+
+
+def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int,
+               seed: int) -> dict:
+    """A batch of MQAR rows (layout in the module doc), shapes ``[batch_size, seq_len]``.
+
+    Returns the trainer's batch format: ``inputs``, ``targets``, ``segment_ids`` (all 1),
+    ``positions`` (``arange``) as int32 and ``loss_mask`` float32 (1 only on query positions).
+    """
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    if seq_len < 3 * num_pairs:
+        raise ValueError(f"seq_len must be >= 3 * num_pairs = {3 * num_pairs} (pairs, then one "
+                         f"query per key), got {seq_len}")
+    if vocab_size < 2 * num_pairs + 1:
+        raise ValueError(f"vocab_size must be >= 2 * num_pairs + 1 = {2 * num_pairs + 1} "
+                         f"(filler 0, distinct keys and values), got {vocab_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = np.random.default_rng(seed)
+    half = (vocab_size - 1) // 2
+    rows = np.arange(batch_size)[:, None]
+    keys = 1 + rng.permuted(np.tile(np.arange(half), (batch_size, 1)), axis=1)[:, :num_pairs]
+    values = 1 + half + rng.permuted(np.tile(np.arange(vocab_size - 1 - half), (batch_size, 1)),
+                                     axis=1)[:, :num_pairs]
+    inputs = np.zeros((batch_size, seq_len), np.int32)
+    targets = np.zeros((batch_size, seq_len), np.int32)
+    inputs[:, 0:2 * num_pairs:2], inputs[:, 1:2 * num_pairs:2] = keys, values
+    free = seq_len - 2 * num_pairs
+    query_pos = 2 * num_pairs + np.sort(
+        rng.permuted(np.tile(np.arange(free), (batch_size, 1)), axis=1)[:, :num_pairs], axis=1)
+    order = rng.permuted(np.tile(np.arange(num_pairs), (batch_size, 1)), axis=1)
+    inputs[rows, query_pos] = keys[rows, order]
+    targets[rows, query_pos] = values[rows, order]
+    loss_mask = np.zeros((batch_size, seq_len), np.float32)
+    loss_mask[rows, query_pos] = 1.0
+    return dict(inputs=inputs, targets=targets, loss_mask=loss_mask,
+                segment_ids=np.ones((batch_size, seq_len), np.int32),
+                positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                          (batch_size, seq_len)).copy())
