@@ -1,0 +1,322 @@
+"""``DecoderLM``: a decoder-only LM whose layers mix sequence mixers, with KV-cache decoding.
+
+Each layer is a pre-norm residual block ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``
+(SwiGLU); a final RMSNorm and a tied (``logits = h E^T``) or untied head give float32 logits.
+Input embeddings are scaled by ``sqrt(d_model)``; the embedding table starts at std
+``1/sqrt(d_model)`` so both the residual stream and the tied logits start near unit scale.
+
+``layer_pattern`` names each layer's mixer, looked up in ``MIXERS``. A mixer kind is built
+by ``build(dims, spec, rngs)`` and is an ``nnx.Module`` with
+
+* ``__call__(x [B,T,D], *, positions, segment_ids) -> [B,T,D]``,
+* ``init_cache(batch_size, max_len, *, dtype) -> cache`` (any pytree of arrays),
+* ``extend(x, cache, *, positions) -> (y, cache)`` (prefill: the prompt; decode: ``T = 1``);
+
+attention kinds (``MixerKind.attention``) also take ``spec=`` (the evaluation-time override)
+and ``backend=`` in all three, and get their layer's ``AttentionSpec`` at build time.
+Adding a mixer is one ``MIXERS`` entry.
+
+Decoding (``init_cache`` / ``prefill`` / ``decode_step`` / ``generate``): the cache is a
+tuple with one entry per layer; see ``lcattn.layers.attention.KVCache`` for the full and the
+constant-size (Λ-mask sink + ring buffer) layouts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lcattn.attention import BACKENDS, AttentionSpec
+from lcattn.layers import Attention, RMSNorm, SwiGLU
+from lcattn.layers.attention import SpecOverride
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Model sizes handed to every mixer builder."""
+
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    backend: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerKind:
+    """``build(dims, spec, rngs) -> nnx.Module``; ``attention``: it takes specs and backends."""
+
+    build: Callable[[Dims, AttentionSpec | None, nnx.Rngs], nnx.Module]
+    attention: bool
+
+
+def _build_attention(dims: Dims, spec: AttentionSpec | None, rngs: nnx.Rngs) -> Attention:
+    return Attention(dims.d_model, dims.num_heads, dims.num_kv_heads, dims.head_dim, spec,
+                     rngs=rngs, backend=dims.backend)
+
+
+MIXERS: dict[str, MixerKind] = {"attn": MixerKind(_build_attention, attention=True)}
+
+
+def _layer_specs(layer_pattern, attention_specs) -> tuple[AttentionSpec | None, ...]:
+    """One spec (or None) per layer from ``attention_specs`` (None, one spec, or a tuple)."""
+    if isinstance(layer_pattern, str) or not isinstance(layer_pattern, Sequence) \
+            or not layer_pattern:
+        raise ValueError(f"`layer_pattern` must be a non-empty tuple of mixer names, "
+                         f"got {layer_pattern!r}")
+    for i, kind in enumerate(layer_pattern):
+        if kind not in MIXERS:
+            raise ValueError(f"unknown mixer {kind!r} at layer {i} of `layer_pattern`; "
+                             f"allowed: {sorted(MIXERS)}")
+    n = len(layer_pattern)
+    if attention_specs is None or isinstance(attention_specs, AttentionSpec):
+        return tuple(attention_specs if MIXERS[k].attention else None for k in layer_pattern)
+    if isinstance(attention_specs, str) or not isinstance(attention_specs, Sequence):
+        raise ValueError("`attention_specs` must be None, an AttentionSpec or a tuple with one "
+                         f"entry per layer, got {attention_specs!r}")
+    if len(attention_specs) != n:
+        raise ValueError(f"`attention_specs` has {len(attention_specs)} entries but "
+                         f"`layer_pattern` has {n} layers")
+    for i, (kind, spec) in enumerate(zip(layer_pattern, attention_specs)):
+        if spec is not None and not isinstance(spec, AttentionSpec):
+            raise ValueError(f"`attention_specs[{i}]` must be an AttentionSpec or None, "
+                             f"got {spec!r}")
+        if spec is not None and not MIXERS[kind].attention:
+            raise ValueError(f"layer {i} is {kind!r}, which takes no AttentionSpec "
+                             f"(`attention_specs[{i}]` must be None)")
+    return tuple(attention_specs)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, kind: str, dims: Dims, mlp_dim: int, spec: AttentionSpec | None, *,
+                 rngs: nnx.Rngs):
+        self.kind = kind
+        self.attention = MIXERS[kind].attention
+        self.mixer_norm = RMSNorm(dims.d_model, rngs=rngs)
+        self.mixer = MIXERS[kind].build(dims, spec, rngs)
+        self.mlp_norm = RMSNorm(dims.d_model, rngs=rngs)
+        self.mlp = SwiGLU(dims.d_model, mlp_dim, rngs=rngs)
+
+    def _options(self, override, backend) -> dict:
+        return {"spec": override, "backend": backend} if self.attention else {}
+
+    def __call__(self, x, *, positions, segment_ids, override, backend):
+        x = x + self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids,
+                           **self._options(override, backend))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def init_cache(self, batch_size, max_len, *, override, dtype):
+        opts = {"spec": override} if self.attention else {}
+        return self.mixer.init_cache(batch_size, max_len, dtype=dtype, **opts)
+
+    def extend(self, x, cache, *, positions, override, backend):
+        y, cache = self.mixer.extend(self.mixer_norm(x), cache, positions=positions,
+                                     **self._options(override, backend))
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+def _param(rngs, init, shape, names):
+    init = nnx.with_partitioning(init, names, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+
+def _check_tokens(tokens):
+    if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.asarray(tokens).dtype, jnp.integer):
+        raise ValueError(f"`tokens` must be an integer array [batch, seq], got shape "
+                         f"{jnp.shape(tokens)} dtype {jnp.asarray(tokens).dtype}")
+
+
+class DecoderLM(nnx.Module):
+    """Decoder-only language model over ``layer_pattern`` (see the module docstring).
+
+    Args:
+      layer_pattern: mixer name per layer (keys of ``MIXERS``).
+      attention_specs: None (``AttentionSpec()``: causal softmax RoPE), one AttentionSpec for
+        every attention layer, or a tuple with one entry per layer (None for non-attention
+        layers, or for the default spec).
+      tie_embeddings: output head ``E^T`` (True) or its own ``[d_model, vocab]`` matrix.
+      backend: default ``lcattn.attend`` backend of the attention layers.
+      dtype: activation (and KV cache) dtype; parameters are float32, logits float32.
+    """
+
+    def __init__(self, *, vocab_size: int, d_model: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, mlp_dim: int, layer_pattern: Sequence[str] = ("attn", "attn"),
+                 attention_specs=None, tie_embeddings: bool = True, backend: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
+                            ("mlp_dim", mlp_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DecoderLM: `{name}` must be an integer >= 1, got {value!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"DecoderLM: `backend` must be one of {BACKENDS}, got {backend!r}")
+        specs = _layer_specs(layer_pattern, attention_specs)
+        dims = Dims(d_model, num_heads, num_kv_heads, head_dim, backend)
+        self.layer_pattern = tuple(layer_pattern)
+        self.d_model, self.vocab_size, self.dtype = d_model, vocab_size, dtype
+        self.embedding = _param(rngs, nnx.initializers.normal(1.0 / math.sqrt(d_model)),
+                                (vocab_size, d_model), ("vocab", "embed"))
+        self.blocks = nnx.List([Block(kind, dims, mlp_dim, spec, rngs=rngs)
+                                for kind, spec in zip(self.layer_pattern, specs)])
+        self.final_norm = RMSNorm(d_model, rngs=rngs)
+        self.head = None if tie_embeddings else _param(
+            rngs, nnx.initializers.lecun_normal(), (d_model, vocab_size), ("embed", "vocab"))
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _embed(self, tokens):
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        return x * jnp.asarray(math.sqrt(self.d_model), self.dtype)
+
+    def _logits(self, x):
+        h = self.final_norm(x)
+        if self.head is None:
+            w, eq = self.embedding[...], "btd,vd->btv"
+        else:
+            w, eq = self.head[...], "btd,dv->btv"
+        return jnp.einsum(eq, h, w.astype(h.dtype),
+                          preferred_element_type=jnp.float32).astype(jnp.float32)
+
+    @staticmethod
+    def _positions(positions, batch, length):
+        if positions is None:
+            return np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+        xp = jnp if isinstance(positions, jax.Array) else np
+        pos = xp.asarray(positions)
+        if pos.ndim == 1:
+            pos = pos[None]
+        if pos.ndim != 2 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
+            raise ValueError(f"`positions` must have shape [batch={batch}, seq={length}] or "
+                             f"[seq], got {tuple(np.shape(positions))}")
+        return xp.broadcast_to(pos.astype(np.int32), (batch, length))
+
+    # -- forward ---------------------------------------------------------------------------
+    def __call__(self, tokens: jax.Array, *, positions=None, segment_ids=None,
+                 attention_override: SpecOverride = None,
+                 backend: str | None = None) -> jax.Array:
+        """``tokens int32 [B, T] -> logits float32 [B, T, V]``.
+
+        Args:
+          positions: ``int32 [B, T]`` (or ``[T]``) absolute positions; default ``arange(T)``.
+          segment_ids: ``int32 [B, T]`` document ids for packed sequences, or None.
+          attention_override: applied to every attention layer: an AttentionSpec, or a
+            callable ``spec -> spec`` (e.g. evaluate a Causal()-trained model under
+            ``Lambda(window, n_global)`` with ``distance_limit``: LM-Infinite).
+          backend: overrides every attention layer's backend.
+        """
+        _check_tokens(tokens)
+        b, t = tokens.shape
+        positions = self._positions(positions, b, t)
+        x = self._embed(tokens)
+        for block in self.blocks:
+            x = block(x, positions=positions, segment_ids=segment_ids,
+                      override=attention_override, backend=backend)
+        return self._logits(x)
+
+    # -- decoding --------------------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_len: int, *,
+                   attention_override: SpecOverride = None) -> tuple:
+        """Empty decoding state for positions ``< max_len``: a tuple with one entry per layer.
+
+        Attention layers whose (overridden) mask is ``Lambda(window, n_global)`` (or
+        ``Local(window)``) get ``n_global + window`` slots whatever ``max_len`` is; pass the
+        same ``attention_override`` to ``prefill`` / ``decode_step``.
+        """
+        return tuple(block.init_cache(batch_size, max_len, override=attention_override,
+                                      dtype=self.dtype) for block in self.blocks)
+
+    def _extend(self, tokens, positions, cache, override, backend):
+        if not isinstance(cache, tuple) or len(cache) != len(self.blocks):
+            raise ValueError(f"`cache` must be the tuple from init_cache with one entry per "
+                             f"layer ({len(self.blocks)})")
+        x = self._embed(tokens)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block.extend(x, layer_cache, positions=positions,
+                                          override=override, backend=backend)
+            new_cache.append(layer_cache)
+        return self._logits(x), tuple(new_cache)
+
+    @nnx.jit(static_argnames=("attention_override", "backend"), graph_updates=False)
+    def prefill(self, tokens: jax.Array, cache: tuple, *, positions=None,
+                attention_override: SpecOverride = None, backend: str | None = None):
+        """Run the prompt ``tokens [B, T]`` against ``cache``; returns ``(logits [B,T,V], cache)``.
+
+        ``positions`` default to ``arange(T)``; a later chunk of a long prompt continues with
+        its own (later) positions. Compiled with ``nnx.jit`` (``attention_override`` and
+        ``backend`` are static: pass the same override object to reuse the compilation); it
+        leaves the model unchanged, so it also nests inside ``jax.jit`` / ``lax.scan``.
+        """
+        _check_tokens(tokens)
+        b, t = tokens.shape
+        positions = jnp.asarray(self._positions(positions, b, t))
+        return self._extend(tokens, positions, cache, attention_override, backend)
+
+    @nnx.jit(static_argnames=("attention_override", "backend"), graph_updates=False)
+    def decode_step(self, token: jax.Array, position, cache: tuple, *,
+                    attention_override: SpecOverride = None, backend: str | None = None):
+        """One token per row: ``token [B, 1]`` at ``position`` (``[B]`` or a scalar).
+
+        Returns ``(logits float32 [B, V], cache)``. Compiled like ``prefill``.
+        """
+        _check_tokens(token)
+        if token.shape[1] != 1:
+            raise ValueError(f"`token` must have shape [batch, 1], got {token.shape}")
+        b = token.shape[0]
+        pos = jnp.broadcast_to(jnp.reshape(jnp.asarray(position, jnp.int32), (-1, 1)), (b, 1))
+        logits, cache = self._extend(token, pos, cache, attention_override, backend)
+        return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_new_tokens", "override",
+                                             "backend"))
+def _generate(state, prompt, *, graphdef, num_new_tokens, override, backend):
+    model = nnx.merge(graphdef, state)
+    b, t = prompt.shape
+    cache = model.init_cache(b, t + num_new_tokens, attention_override=override)
+    logits, cache = model.prefill(prompt, cache, attention_override=override,
+                                  backend=backend)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def step(carry, pos):
+        token, cache = carry
+        logits, cache = model.decode_step(token[:, None], pos, cache,
+                                          attention_override=override, backend=backend)
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return (nxt, cache), nxt
+
+    positions = jnp.arange(t, t + num_new_tokens - 1, dtype=jnp.int32)
+    _, rest = jax.lax.scan(step, (first, cache), positions)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def generate(model: DecoderLM, prompt: jax.Array, num_new_tokens: int, *,
+             attention_override: SpecOverride = None, backend: str | None = None) -> jax.Array:
+    """Greedy continuation: ``prompt int32 [B, T] -> int32 [B, num_new_tokens]``.
+
+    One compiled program (prefill, then a ``lax.scan`` of decode steps) per model structure,
+    prompt shape, length and override; the KV cache is sized ``T + num_new_tokens`` (constant
+    for Λ-mask layers).
+    """
+    _check_tokens(prompt)
+    if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, (int, np.integer)) \
+            or num_new_tokens < 0:
+        raise ValueError(f"`num_new_tokens` must be an integer >= 0, got {num_new_tokens!r}")
+    if num_new_tokens == 0:
+        return jnp.zeros((prompt.shape[0], 0), jnp.int32)
+    graphdef, state = nnx.split(model)
+    return _generate(state, jnp.asarray(prompt, jnp.int32), graphdef=graphdef,
+                     num_new_tokens=int(num_new_tokens), override=attention_override,
+                     backend=backend)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of scalar parameters (``nnx.Param`` leaves) in ``model``."""
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
