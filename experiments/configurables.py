@@ -1,0 +1,110 @@
+"""gin registrations for lcattn objects and the gin/absl command-line plumbing.
+
+lcattn's classes are registered as they are (``gin.register`` does not wrap them), under short
+module names used by the configs::
+
+    masks.Lambda.window = 128          attention/lcattn.AttentionSpec.mask = @masks.Lambda()
+    normalizers.Reweighted.p = 15      positions.RoPE.theta = 10000
+
+Command lines take ``--gin_file`` (repeatable, later files override earlier ones) and
+``--gin.NAME=VALUE``, rewritten to the binding ``NAME = VALUE``. Unknown names, missing files and
+bad values stop with a message naming them.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Sequence
+
+import gin
+from absl import flags
+from absl import logging as absl_logging
+
+from lcattn import attention, masks, normalizers, positions
+
+_REGISTERED = False
+# Command-line flags shared by experiments.train / evaluate / sweep (absl flags are global).
+GIN_FILES = flags.DEFINE_multi_string(
+    "gin_file", [], "gin config files, applied in order (later ones override).")
+WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def register_all() -> None:
+    """Register masks, normalizers, positions and ``AttentionSpec`` with gin (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    for cls in (masks.Full, masks.Causal, masks.Local, masks.Sinks, masks.Chunked, masks.Lambda,
+                masks.Beyond):
+        gin.register(cls, module="masks")
+    for cls in (normalizers.Softmax, normalizers.Softplus, normalizers.Reweighted):
+        gin.register(cls, module="normalizers")
+    for cls in (positions.RoPE, positions.ALiBi, positions.NoPE, positions.Linear,
+                positions.NTK, positions.YaRN):
+        gin.register(cls, module="positions")
+    gin.register(attention.AttentionSpec, module="lcattn")
+    _REGISTERED = True
+
+
+def setup_logging() -> None:
+    """Progress lines from ``lcattn.*`` loggers on stderr; library (orbax, absl) chatter off."""
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logger = logging.getLogger("lcattn")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def resolve_gin_file(path: str) -> str:
+    """A gin file path as given, or relative to the repository root."""
+    for candidate in (path, os.path.join(REPO_ROOT, path)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"--gin_file: no such file: {path!r}")
+
+
+def bindings_from_argv(argv: Sequence[str]) -> list[str]:
+    """``--gin.NAME=VALUE`` arguments -> ``["NAME = VALUE"]``; other arguments are left alone."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--gin.") and "=" in arg:
+            name, value = arg[len("--gin."):].split("=", 1)
+            out.append(f"{name} = {value}")
+    return out
+
+
+def strip_gin_bindings(argv: Sequence[str]) -> list[str]:
+    """argv without ``--gin.X=V`` entries (absl would reject them as unknown flags)."""
+    return [a for a in argv if not (a.startswith("--gin.") and "=" in a)]
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
+    """Clear gin, then parse ``gin_files`` in order and ``bindings`` last.
+
+    Raises ``ValueError`` naming the file or binding that failed (unknown configurable or
+    parameter, bad syntax or value) and ``FileNotFoundError`` for a missing file.
+    """
+    register_all()
+    for module in ("data", "train", "evaluate", "sweep"):  # register their configurables
+        importlib.import_module(f"experiments.{module}")
+    gin.clear_config()
+    gin.add_config_file_search_path(REPO_ROOT)
+    files = [resolve_gin_file(f) for f in gin_files]
+    try:
+        gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize,
+                                            skip_unknown=False)
+    except (ValueError, KeyError, SyntaxError, TypeError) as err:
+        raise ValueError(f"invalid gin configuration ({', '.join(gin_files) or 'no files'}; "
+                         f"bindings {list(bindings)}): {err}") from err
+
+
+def absl_argv_with_gin(argv: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """``(argv for absl, gin bindings)`` from ``sys.argv``."""
+    argv = list(sys.argv if argv is None else argv)
+    return strip_gin_bindings(argv), bindings_from_argv(argv)

@@ -1,0 +1,210 @@
+r"""Evaluate a trained workdir: loss vs length, per-position NLL, passkey accuracy.
+
+``python -m experiments.evaluate --workdir=DIR [--gin_file=...] [--gin.NAME=VALUE]`` reads
+``DIR/config.gin``, then the given files and bindings (so an evaluation-time change of the
+attention, e.g. ``--gin_file=configs/attention/lminfinite.gin``, applies on top), restores the
+newest checkpoint and writes into ``DIR`` (file stem ``evaluate.output_name``, default ``eval``):
+
+* ``eval.json``: eval lengths, validation loss per length, passkey accuracy per length x depth;
+* ``eval.zarr/`` (tensorstore): ``loss`` ``[lengths]``, ``nll_by_position`` ``[lengths, max_len]``
+  (NaN past each length), ``passkey_accuracy`` ``[lengths, depths]``;
+* ``eval_loss_vs_length.png``, ``eval_nll_vs_position.png``, ``eval_passkey.png``.
+
+Validation text is the held-out files of the corpus, concatenated in order and cut into
+sequences of each eval length (positions ``0..L-1``, one segment), so every length sees the
+same text from its start.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # run the importable module, so gin sees one copy of each configurable
+    from experiments.evaluate import run
+
+    run()
+    raise SystemExit(0)
+
+import json
+import logging
+import os
+import time
+
+import gin
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import app
+from flax import nnx
+
+from experiments import configurables, data, tasks
+from experiments.train import build_model, merge_model, split_model
+from lcattn import model as model_lib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger("lcattn.evaluate")
+
+
+def restore_model(workdir: str):
+    """``build_model()`` (from the parsed gin config) with the newest checkpoint's parameters."""
+    model = build_model()
+    graphdef, param_state, rest, params = split_model(model)
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    with ocp.CheckpointManager(ckpt_dir) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params)))
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"checkpoint {ckpt_dir}/{step} does not match the configured "
+                             f"model: {err}") from err
+    return merge_model(graphdef, param_state, rest, restored.params), step
+
+
+def nll_by_position(model, tokens, length, batch_size, attention_override):
+    """Mean NLL at each position ``[length]`` over sequences of ``length + 1`` tokens."""
+    n = (len(tokens) - 1) // length
+    if n < 1:
+        raise ValueError(f"validation text ({len(tokens)} tokens) is shorter than eval length "
+                         f"{length}")
+    seqs = np.stack([tokens[i * length:(i + 1) * length + 1] for i in range(n)])
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def nll(state, batch):
+        logits = nnx.merge(graphdef, state)(batch[:, :-1], attention_override=attention_override)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+
+    total = np.zeros(length)
+    for i in range(0, n, batch_size):
+        chunk = seqs[i:i + batch_size]
+        total += np.asarray(nll(state, jnp.asarray(chunk, jnp.int32))).sum(0)
+    return total / n
+
+
+def passkey_accuracy(model, lengths, depths, trials, attention_override, seed=0):
+    """Fraction of greedy answers equal to the key, ``[len(lengths), len(depths)]``."""
+    acc = np.zeros((len(lengths), len(depths)))
+    for i, length in enumerate(lengths):
+        for j, depth in enumerate(depths):
+            hits = 0
+            for t in range(trials):
+                ex = tasks.passkey_example(length, depth, seed=seed + 1000 * i + 100 * j + t)
+                out = model_lib.generate(model, jnp.asarray(ex["prompt"][None], jnp.int32),
+                                         len(ex["answer"]), attention_override=attention_override)
+                hits += int(np.array_equal(np.asarray(out[0]), ex["answer"]))
+            acc[i, j] = hits / trials
+    return acc
+
+
+def _write_zarr(path, name, array):
+    store = ts.open({"driver": "zarr", "kvstore": {"driver": "file",
+                                                   "path": os.path.join(path, name)}},
+                    create=True, delete_existing=True, dtype=ts.float32,
+                    shape=array.shape).result()
+    store.write(np.asarray(array, np.float32)).result()
+
+
+def _plots(workdir, stem, lengths, losses, nll, depths, passkey):
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(lengths, losses, "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(x) for x in lengths])
+    ax.minorticks_off()
+    ax.set(xlabel="eval length (tokens)", ylabel="validation loss (nats/byte)",
+           title="loss vs length")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, f"{stem}_loss_vs_length.png"), dpi=120)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for length, curve in zip(lengths, nll):
+        ax.plot(np.arange(length), curve[:length], lw=0.8, label=f"L={length}")
+    ax.set(xscale="log", xlabel="position", ylabel="NLL", title="NLL vs position")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, f"{stem}_nll_vs_position.png"), dpi=120)
+    if passkey is not None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        im = ax.imshow(passkey.T, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set(xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)),
+               yticklabels=depths, xlabel="prompt length", ylabel="depth", title="passkey")
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, f"{stem}_passkey.png"), dpi=120)
+    plt.close("all")
+
+
+@gin.configurable
+def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
+             length_multipliers=(1, 2, 4, 8, 16), max_tokens: int = 65_536,
+             batch_size: int = 8, attention_override=None, passkey_depths=(0.1, 0.5, 0.9),
+             passkey_trials: int = 2, passkey_multipliers=(2, 4, 8),
+             output_name: str = "eval") -> dict:
+    """Evaluate the checkpoint of ``checkpoint_workdir`` (default ``workdir``) into ``workdir``.
+
+    Eval lengths are multiples of the training length (from the checkpoint's ``run.json``);
+    ``max_tokens`` caps the validation text.
+    """
+    for name, values in (("length_multipliers", length_multipliers),
+                         ("passkey_multipliers", passkey_multipliers)):
+        if any(not (isinstance(m, int) and m >= 1) for m in values):
+            raise ValueError(f"evaluate: `{name}` must be integers >= 1, got {values!r}")
+    t0 = time.perf_counter()
+    source = checkpoint_workdir or workdir
+    with open(os.path.join(source, "run.json")) as f:
+        train_seq_len = json.load(f)["seq_len"]
+    model, step = restore_model(source)
+    lengths = [train_seq_len * m for m in length_multipliers]
+    docs = data.validation_documents()
+    tokens = np.concatenate(docs)[:max(max_tokens, max(lengths) + 1)]
+    nll = np.full((len(lengths), max(lengths)), np.nan)
+    losses = []
+    for i, length in enumerate(lengths):
+        curve = nll_by_position(model, tokens, length, batch_size, attention_override)
+        nll[i, :length] = curve
+        losses.append(float(curve.mean()))
+        log.info("L=%d loss %.4f (%.0fs)", length, losses[-1], time.perf_counter() - t0)
+    passkey, pk_lengths = None, [train_seq_len * m for m in passkey_multipliers]
+    if passkey_trials:
+        passkey = passkey_accuracy(model, pk_lengths, list(passkey_depths), passkey_trials,
+                                   attention_override)
+    os.makedirs(workdir, exist_ok=True)
+    zarr = os.path.join(workdir, f"{output_name}.zarr")
+    _write_zarr(zarr, "loss", np.asarray(losses))
+    _write_zarr(zarr, "nll_by_position", nll)
+    if passkey is not None:
+        _write_zarr(zarr, "passkey_accuracy", passkey)
+    result = {"checkpoint": os.path.abspath(checkpoint_workdir or workdir), "step": int(step),
+              "attention_override": repr(attention_override), "lengths": lengths,
+              "loss": {str(length): loss for length, loss in zip(lengths, losses)},
+              "passkey": None if passkey is None else {
+                  "lengths": pk_lengths, "depths": list(passkey_depths),
+                  "accuracy": passkey.tolist(), "trials": passkey_trials},
+              "seconds": time.perf_counter() - t0}
+    _plots(workdir, output_name, lengths, losses, nll, list(passkey_depths), passkey)
+    with open(os.path.join(workdir, f"{output_name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+
+
+def main(argv, bindings):
+    del argv
+    if not configurables.WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    config = os.path.join(configurables.WORKDIR.value, "config.gin")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"--workdir: {config} not found; train first")
+    configurables.parse([config] + list(configurables.GIN_FILES.value), bindings)
+    print(json.dumps(evaluate(configurables.WORKDIR.value), indent=1))
+
+
+def run():
+    configurables.setup_logging()
+    argv, bindings = configurables.absl_argv_with_gin()
+    app.run(lambda a: main(a, bindings), argv=argv)

@@ -1,0 +1,119 @@
+"""Experiments: gin configs, training (loss falls, bitwise resume, safe failures), the sweep."""
+import glob
+import json
+import os
+
+import gin
+import pytest
+
+from experiments import configurables, sweep as sweep_lib, train as train_lib
+
+ROOT = configurables.REPO_ROOT
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "corpus")
+SMALL = [f"make_iterator.source = '{FIXTURE}'", "make_iterator.val_every = 3", "SEQ_LEN = 16",
+         "train.batch_size = 4", "train.warmup_steps = 2", "train.log_every = 1",
+         "build_model.d_model = 32", "build_model.num_heads = 2", "build_model.num_kv_heads = 1",
+         "build_model.mlp_dim = 64", "evaluate.length_multipliers = (1, 2, 4)",
+         "evaluate.passkey_trials = 0", "evaluate.max_tokens = 2000"]
+BASE = ["configs/base.gin", "configs/models/tiny.gin", "configs/attention/softmax_rope.gin"]
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"], r["learning_rate"]) for r in map(json.loads, f)]
+
+
+def _all_gin_files():
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs/**/*.gin"),
+                                                             recursive=True))
+
+
+@pytest.mark.parametrize("path", _all_gin_files())
+def test_every_gin_file_parses_binds_and_states_its_command(path):
+    with open(os.path.join(ROOT, path)) as f:
+        head = f.read().split("\n\n")[0]
+    assert head.startswith("#") and "python -m experiments." in head and "Expect" in head, path
+    if path.startswith("configs/sweeps/"):
+        configurables.parse([path], [])
+        variants = gin.query_parameter("sweep.variants")
+        base = list(gin.query_parameter("sweep.base_gin"))
+        for variant in variants.values():
+            configurables.parse(base + variant["gin"], variant.get("bindings", []))
+            train_lib.build_model(vocab_size=16, d_model=32, num_heads=2, num_kv_heads=1)
+        return
+    files = {"configs/base.gin": BASE, "configs/models": ["configs/base.gin", path],
+             "configs/attention": ["configs/base.gin", "configs/models/tiny.gin", path]}
+    key = path if path == "configs/base.gin" else os.path.dirname(path)
+    configurables.parse(files[key], [])
+    model = train_lib.build_model()
+    assert model is not None
+
+
+@pytest.mark.parametrize("bindings, error, match", [
+    (["train.no_such_param = 3"], ValueError, "no_such_param"),
+    (["no_such_configurable.x = 3"], ValueError, "no_such_configurable"),
+    (["train.num_steps = -1"], ValueError, "num_steps"),
+    (["make_iterator.packing = 'zip'"], ValueError, "packing"),
+])
+def test_bad_configs_fail_clearly_before_touching_checkpoints(tmp_path, bindings, error, match):
+    with pytest.raises(error, match=match):
+        configurables.parse(BASE, SMALL + bindings)
+        train_lib.train(str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_gin_file_names_it():
+    with pytest.raises(FileNotFoundError, match="configs/nope.gin"):
+        configurables.parse(["configs/nope.gin"], [])
+
+
+def test_training_lowers_the_loss(tmp_path):
+    configurables.parse(BASE, SMALL + ["train.num_steps = 40", "train.learning_rate = 1e-2"])
+    train_lib.train(str(tmp_path))
+    losses = [loss for _, loss, _ in _losses(tmp_path)]
+    assert losses[-1] < losses[0] - 1.0, losses
+    for name in ("config.gin", "run.json", "corpus.json"):
+        assert (tmp_path / name).exists()
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    steps = SMALL + ["train.num_steps = 10", "train.checkpoint_every = 4"]
+    configurables.parse(BASE, steps)
+    train_lib.train(str(tmp_path / "straight"))
+    configurables.parse(BASE, steps + ["train.stop_at_step = 6"])
+    train_lib.train(str(tmp_path / "resumed"))  # preempted at 6; newest checkpoint is 4
+    assert [s for s, _, _ in _losses(tmp_path / "resumed")] == list(range(1, 7))
+    configurables.parse(BASE, steps)
+    train_lib.train(str(tmp_path / "resumed"))
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")  # bitwise
+
+
+def test_failed_run_keeps_the_good_checkpoint(tmp_path):
+    configurables.parse(BASE, SMALL + ["train.num_steps = 4", "train.checkpoint_every = 2"])
+    train_lib.train(str(tmp_path))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    configurables.parse(BASE, SMALL + ["train.num_steps = 8", "train.learning_rate = 1e30",
+                                       "train.checkpoint_every = 1", "train.grad_clip = 1e30"])
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train_lib.train(str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_minimal_sweep_writes_table_and_figures(tmp_path):
+    variants = {"softmax_rope": {"gin": ["configs/attention/softmax_rope.gin"]},
+                "lminfinite": {"gin": ["configs/attention/lminfinite.gin"],
+                               "checkpoint_from": "softmax_rope"}}
+    configurables.parse(["configs/sweeps/quick.gin"], [])
+    extra = SMALL + ["train.num_steps = 3"]
+    results = sweep_lib.sweep(variants=variants, workdir=str(tmp_path), cli_bindings=extra)
+    assert set(results) == set(variants)
+    for name in ("results.md", "results.json", "length_generalization.png", "per_position.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    table = json.loads((tmp_path / "results.json").read_text())
+    assert set(table["lminfinite"]) == {"16", "32", "64"}
+    assert "lminfinite" in (tmp_path / "results.md").read_text()
+    assert not (tmp_path / "lminfinite" / "checkpoints").exists()  # reused, not retrained
+    stamp = os.path.getmtime(tmp_path / "softmax_rope" / "eval.json")
+    configurables.parse(["configs/sweeps/quick.gin"], [])
+    sweep_lib.sweep(variants=variants, workdir=str(tmp_path), cli_bindings=extra)
+    assert os.path.getmtime(tmp_path / "softmax_rope" / "eval.json") == stamp  # skipped
