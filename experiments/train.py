@@ -37,7 +37,9 @@ from absl import app
 from flax import nnx
 
 from experiments import configurables, data
+from lcattn.layers import Mamba2Config
 from lcattn.model import DecoderLM
+from lcattn.ssm import SSMOptions
 
 log = logging.getLogger("lcattn.train")
 
@@ -45,22 +47,58 @@ log = logging.getLogger("lcattn.train")
 @gin.configurable
 def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int | None = None, head_dim: int | None = None,
-                mlp_dim: int | None = None, layer_pattern=None, attention_spec=None,
-                attention_specs=None, tie_embeddings: bool = True, backend: str = "auto",
+                mlp_dim: int | None = None, layer_pattern=None, layer_cycle=None,
+                attention_spec=None, attention_specs=None, tie_embeddings: bool = True,
+                backend: str = "auto", mamba2_head_dim: int | None = None,
+                mamba2_state_dim: int = 64, mamba2_expand: int = 2, mamba2_num_groups: int = 1,
+                mamba2_conv_width: int = 4, mamba2_chunk_size: int = 64,
+                mamba2_impl: str = "auto", ssm_decay_scale: float = 1.0,
+                ssm_input_scale: float = 1.0, ssm_input_clip: float | None = None,
+                ssm_state_clip: float | None = None, ssm_window: int | None = None,
                 seed: int = 0) -> DecoderLM:
     """A ``DecoderLM``; ``attention_spec`` applies to every attention layer unless
     ``attention_specs`` gives one per layer. Defaults: ``head_dim = d_model // num_heads``,
-    ``mlp_dim = 4 * d_model``, ``layer_pattern = ("attn",) * num_layers``."""
+    ``mlp_dim = 4 * d_model``, ``layer_pattern = ("attn",) * num_layers``.
+
+    ``layer_cycle`` (instead of ``layer_pattern``) repeats a short pattern to ``num_layers``
+    layers, e.g. ``("mamba2", "attn")``, so one mixer file fits every model size.
+    ``mamba2_*`` size the ``"mamba2"`` layers (``lcattn.layers.Mamba2Config``;
+    ``mamba2_head_dim`` defaults to ``mamba2_expand * d_model // num_heads``, i.e. as many SSM
+    heads as attention heads) and ``ssm_*`` are the training-free state-collapse mitigations
+    (``lcattn.ssm.SSMOptions``: ``decay_scale``, ``input_scale``, ``input_clip``,
+    ``state_clip``, ``window``), so an evaluation can rebind them on a trained checkpoint.
+    """
     if d_model % num_heads:
         raise ValueError(f"build_model: d_model ({d_model}) must be divisible by num_heads "
                          f"({num_heads}) unless head_dim is given")
+    if layer_cycle is not None:
+        if layer_pattern is not None:
+            raise ValueError("build_model: give `layer_pattern` or `layer_cycle`, not both")
+        if isinstance(layer_cycle, str) or not layer_cycle or num_layers % len(layer_cycle):
+            raise ValueError(f"build_model: `layer_cycle` must be a non-empty tuple of mixer "
+                             f"names whose length divides num_layers ({num_layers}), got "
+                             f"{layer_cycle!r}")
+        layer_pattern = tuple(layer_cycle) * (num_layers // len(layer_cycle))
+    if mamba2_head_dim is None:
+        if (mamba2_expand * d_model) % num_heads:
+            raise ValueError(f"build_model: mamba2_expand * d_model ({mamba2_expand * d_model})"
+                             f" must be divisible by num_heads ({num_heads}) unless "
+                             "mamba2_head_dim is given")
+        mamba2_head_dim = mamba2_expand * d_model // num_heads
+    options = SSMOptions(decay_scale=ssm_decay_scale, input_scale=ssm_input_scale,
+                         input_clip=ssm_input_clip, state_clip=ssm_state_clip,
+                         window=ssm_window)
+    mamba2 = Mamba2Config(head_dim=mamba2_head_dim, state_dim=mamba2_state_dim,
+                          expand=mamba2_expand, num_groups=mamba2_num_groups,
+                          conv_width=mamba2_conv_width, chunk_size=mamba2_chunk_size,
+                          options=options, impl=mamba2_impl)
     return DecoderLM(
         vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
         num_kv_heads=num_kv_heads or num_heads, head_dim=head_dim or d_model // num_heads,
         mlp_dim=mlp_dim or 4 * d_model,
         layer_pattern=tuple(layer_pattern or ("attn",) * num_layers),
         attention_specs=attention_specs if attention_specs is not None else attention_spec,
-        tie_embeddings=tie_embeddings, backend=backend, rngs=nnx.Rngs(seed))
+        tie_embeddings=tie_embeddings, backend=backend, mamba2=mamba2, rngs=nnx.Rngs(seed))
 
 
 def split_model(model):

@@ -14,11 +14,14 @@ by ``build(dims, spec, rngs)`` and is an ``nnx.Module`` with
 
 attention kinds (``MixerKind.attention``) also take ``spec=`` (the evaluation-time override)
 and ``backend=`` in all three, and get their layer's ``AttentionSpec`` at build time.
-Adding a mixer is one ``MIXERS`` entry.
+Adding a mixer is one ``MIXERS`` entry. Kinds: ``"attn"`` (``lcattn.layers.Attention``) and
+``"mamba2"`` (``lcattn.layers.Mamba2``, sized by ``DecoderLM(mamba2=Mamba2Config(...))``;
+segment ids reset its state, so packed documents never see each other).
 
 Decoding (``init_cache`` / ``prefill`` / ``decode_step`` / ``generate``): the cache is a
 tuple with one entry per layer; see ``lcattn.layers.attention.KVCache`` for the full and the
-constant-size (Λ-mask sink + ring buffer) layouts.
+constant-size (Λ-mask sink + ring buffer) layouts, and ``lcattn.layers.mamba2.Mamba2Cache``
+for the (constant-size) recurrent state of Mamba-2 layers.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from lcattn.attention import BACKENDS, AttentionSpec
-from lcattn.layers import Attention, RMSNorm, SwiGLU
+from lcattn.layers import Attention, Mamba2, Mamba2Config, RMSNorm, SwiGLU
 from lcattn.layers.attention import SpecOverride
 
 
@@ -46,6 +49,7 @@ class Dims:
     num_kv_heads: int
     head_dim: int
     backend: str
+    mamba2: Mamba2Config = Mamba2Config()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +65,13 @@ def _build_attention(dims: Dims, spec: AttentionSpec | None, rngs: nnx.Rngs) -> 
                      rngs=rngs, backend=dims.backend)
 
 
-MIXERS: dict[str, MixerKind] = {"attn": MixerKind(_build_attention, attention=True)}
+def _build_mamba2(dims: Dims, spec: AttentionSpec | None, rngs: nnx.Rngs) -> Mamba2:
+    del spec  # takes no AttentionSpec
+    return Mamba2(dims.d_model, dims.mamba2, rngs=rngs)
+
+
+MIXERS: dict[str, MixerKind] = {"attn": MixerKind(_build_attention, attention=True),
+                                "mamba2": MixerKind(_build_mamba2, attention=False)}
 
 
 def _layer_specs(layer_pattern, attention_specs) -> tuple[AttentionSpec | None, ...]:
@@ -72,8 +82,10 @@ def _layer_specs(layer_pattern, attention_specs) -> tuple[AttentionSpec | None, 
                          f"got {layer_pattern!r}")
     for i, kind in enumerate(layer_pattern):
         if kind not in MIXERS:
+            attention = sorted(k for k, m in MIXERS.items() if m.attention)
+            other = sorted(k for k, m in MIXERS.items() if not m.attention)
             raise ValueError(f"unknown mixer {kind!r} at layer {i} of `layer_pattern`; "
-                             f"allowed: {sorted(MIXERS)}")
+                             f"allowed: {attention} (attention), {other} (state)")
     n = len(layer_pattern)
     if attention_specs is None or isinstance(attention_specs, AttentionSpec):
         return tuple(attention_specs if MIXERS[k].attention else None for k in layer_pattern)
@@ -145,13 +157,14 @@ class DecoderLM(nnx.Module):
         layers, or for the default spec).
       tie_embeddings: output head ``E^T`` (True) or its own ``[d_model, vocab]`` matrix.
       backend: default ``lcattn.attend`` backend of the attention layers.
+      mamba2: sizes and SSM options of the ``"mamba2"`` layers (None: ``Mamba2Config()``).
       dtype: activation (and KV cache) dtype; parameters are float32, logits float32.
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, mlp_dim: int, layer_pattern: Sequence[str] = ("attn", "attn"),
                  attention_specs=None, tie_embeddings: bool = True, backend: str = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 mamba2: Mamba2Config | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
                             ("mlp_dim", mlp_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -159,7 +172,11 @@ class DecoderLM(nnx.Module):
         if backend not in BACKENDS:
             raise ValueError(f"DecoderLM: `backend` must be one of {BACKENDS}, got {backend!r}")
         specs = _layer_specs(layer_pattern, attention_specs)
-        dims = Dims(d_model, num_heads, num_kv_heads, head_dim, backend)
+        mamba2 = Mamba2Config() if mamba2 is None else mamba2
+        if not isinstance(mamba2, Mamba2Config):
+            raise ValueError(f"DecoderLM: `mamba2` must be None or a Mamba2Config, got "
+                             f"{mamba2!r}")
+        dims = Dims(d_model, num_heads, num_kv_heads, head_dim, backend, mamba2)
         self.layer_pattern = tuple(layer_pattern)
         self.d_model, self.vocab_size, self.dtype = d_model, vocab_size, dtype
         self.embedding = _param(rngs, nnx.initializers.normal(1.0 / math.sqrt(d_model)),
@@ -227,7 +244,8 @@ class DecoderLM(nnx.Module):
 
         Attention layers whose (overridden) mask is ``Lambda(window, n_global)`` (or
         ``Local(window)``) get ``n_global + window`` slots whatever ``max_len`` is; pass the
-        same ``attention_override`` to ``prefill`` / ``decode_step``.
+        same ``attention_override`` to ``prefill`` / ``decode_step``. Mamba-2 layers hold a
+        recurrent state whose size does not depend on ``max_len``.
         """
         return tuple(block.init_cache(batch_size, max_len, override=attention_override,
                                       dtype=self.dtype) for block in self.blocks)
