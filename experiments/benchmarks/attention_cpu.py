@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import sys
 import time
 
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lcattn
+from experiments.benchmarks.timing import compile_and_time
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768"], "Sequence lengths.")
 _MASKS = flags.DEFINE_list("masks", ["causal", "lambda"], "Masks: causal, lambda.")
@@ -93,18 +93,6 @@ def dense_estimate_bytes(seq_len, mode):
     return seq_len * seq_len * _HEADS.value * 4 * factor
 
 
-def memory_fields(compiled):
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return {}
-    fields = {n: int(getattr(ma, n)) for n in dir(ma)
-              if n.endswith("_in_bytes") and isinstance(getattr(ma, n), (int, np.integer))}
-    fields["peak_bytes"] = (fields.get("temp_size_in_bytes", 0)
-                            + fields.get("argument_size_in_bytes", 0)
-                            + fields.get("output_size_in_bytes", 0))
-    return fields
-
-
 def measure(impl, mask_name, mode, seq_len, qkv):
     """Compile, read memory analysis, time. Returns (record, forward output or None)."""
     fn, extra = attention_fn(impl, make_mask(mask_name), seq_len)
@@ -114,16 +102,7 @@ def measure(impl, mask_name, mode, seq_len, qkv):
         target = jax.value_and_grad(lambda q, k, v, *e: jnp.sum(fn(q, k, v, *e) ** 2),
                                     argnums=(0, 1, 2))
     args = tuple(qkv) + tuple(extra)
-    t0 = time.perf_counter()
-    compiled = jax.jit(target).lower(*args).compile()
-    rec = {"compile_seconds": time.perf_counter() - t0, **memory_fields(compiled)}
-    out = jax.block_until_ready(compiled(*args))  # warmup
-    times = []
-    for _ in range(_REPEATS.value):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    rec.update(seconds=statistics.median(times), min_seconds=min(times), all_seconds=times)
+    rec, out = compile_and_time(target, args, _REPEATS.value)
     return rec, (out if mode == "forward" else None)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 
@@ -29,6 +28,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
+from experiments.benchmarks.timing import compile_and_time
 from lcattn import ssm
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384"], "Sequence lengths.")
@@ -76,20 +76,7 @@ def measure(impl, mode, args):
                                 argnums=tuple(range(5)))
     elif mode != "forward":
         raise app.UsageError(f"unknown mode {mode!r}")
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    rec = {"compile_seconds": time.perf_counter() - t0}
-    ma = compiled.memory_analysis()
-    if ma is not None:
-        rec["peak_bytes"] = int(ma.temp_size_in_bytes + ma.argument_size_in_bytes
-                                + ma.output_size_in_bytes)
-    out = jax.block_until_ready(compiled(*args))  # warmup
-    times = []
-    for _ in range(_REPEATS.value):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    rec.update(seconds=statistics.median(times), min_seconds=min(times), all_seconds=times)
+    rec, out = compile_and_time(fn, args, _REPEATS.value)
     return rec, (out if mode == "forward" else None)
 
 

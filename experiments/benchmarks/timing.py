@@ -1,0 +1,41 @@
+"""Shared measurement for the benchmark scripts: compile once, record memory, time repeats."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import numpy as np
+
+
+def memory_fields(compiled) -> dict:
+    """``*_in_bytes`` fields of ``compiled.memory_analysis()`` plus ``peak_bytes`` =
+    temp + arguments + outputs (a static estimate of the peak); ``{}`` when unavailable."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return {}
+    fields = {n: int(getattr(ma, n)) for n in dir(ma)
+              if n.endswith("_in_bytes") and isinstance(getattr(ma, n), (int, np.integer))}
+    fields["peak_bytes"] = (fields.get("temp_size_in_bytes", 0)
+                            + fields.get("argument_size_in_bytes", 0)
+                            + fields.get("output_size_in_bytes", 0))
+    return fields
+
+
+def compile_and_time(fn, args, repeats: int):
+    """Jit-compile ``fn(*args)``, run one warmup, then time ``repeats`` calls.
+
+    Returns ``(record, last output)``; the record has ``compile_seconds``, the memory fields,
+    ``seconds`` (median), ``min_seconds`` and ``all_seconds``.
+    """
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    rec = {"compile_seconds": time.perf_counter() - t0, **memory_fields(compiled)}
+    out = jax.block_until_ready(compiled(*args))  # warmup
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    rec.update(seconds=statistics.median(times), min_seconds=min(times), all_seconds=times)
+    return rec, out
