@@ -25,8 +25,6 @@ import json
 import os
 import pathlib
 import platform
-import sys
-import time
 
 from absl import app, flags
 import jax
@@ -34,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lcattn
-from experiments.benchmarks.timing import compile_and_time
+from experiments.benchmarks.timing import compile_and_time, log
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768"], "Sequence lengths.")
 _MASKS = flags.DEFINE_list("masks", ["causal", "lambda"], "Masks: causal, lambda.")
@@ -53,12 +51,7 @@ _DENSE_FACTOR = flags.DEFINE_float(
     "forward_backward uses 2x this.")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON here, and a PNG plot with the same stem.")
 
-_START = time.perf_counter()
 GIB = 2.0 ** 30
-
-
-def log(msg):
-    print(f"[{time.perf_counter() - _START:8.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def make_mask(name):

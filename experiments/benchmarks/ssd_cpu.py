@@ -21,14 +21,12 @@ from __future__ import annotations
 import json
 import math
 import platform
-import sys
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmarks.timing import compile_and_time
+from experiments.benchmarks.timing import compile_and_time, log
 from lcattn import ssm
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384"], "Sequence lengths.")
@@ -43,12 +41,7 @@ _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size Q of the chunked alg
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
 
-_START = time.perf_counter()
 GIB = 2.0 ** 30
-
-
-def log(msg):
-    print(f"[{time.perf_counter() - _START:8.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def make_inputs(seq_len):

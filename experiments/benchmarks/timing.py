@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
+
+_START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr, stamped with seconds since the script started."""
+    print(f"[{time.perf_counter() - _START:8.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def memory_fields(compiled) -> dict:
