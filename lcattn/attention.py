@@ -28,7 +28,7 @@ from lcattn import masks as masks_lib
 from lcattn import normalizers as norms_lib
 from lcattn import positions as pos_lib
 
-BACKENDS = ("auto", "reference", "xla")
+BACKENDS = ("auto", "reference", "xla", "pallas_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,9 +195,10 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
         ``arange(T)`` for both (pass positions explicitly when decoding against a cache).
       q_segment_ids, kv_segment_ids: optional ``int32 [B, T]``; keys are visible only within
         the query's segment (packing).
-      backend: ``"reference"`` (dense oracle), ``"xla"`` (blockwise, skips empty tiles), or
-        ``"auto"``.
-      interpret: for Pallas backends; ignored by ``reference`` and ``xla``.
+      backend: ``"reference"`` (dense oracle), ``"xla"`` (blockwise, skips empty tiles),
+        ``"pallas_tpu"`` (Mosaic TPU block-sparse kernels), or ``"auto"`` (``xla``).
+      interpret: for Pallas backends: run in interpret mode; None = when not on their
+        platform. Ignored by ``reference`` and ``xla``.
       block_sizes: ``(block_q, block_k)`` for blockwise backends.
     """
     if not isinstance(spec, AttentionSpec):
@@ -207,5 +208,8 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
     if backend == "reference":
         from lcattn.backends import reference
         return reference.attend(q, k, v, spec, inp)
+    if backend == "pallas_tpu":
+        from lcattn.backends import pallas_tpu
+        return streaming_attend(pallas_tpu.pass_fn(block_sizes, interpret), q, k, v, spec, inp)
     from lcattn.backends import xla
     return streaming_attend(xla.pass_fn(block_sizes), q, k, v, spec, inp)

@@ -73,3 +73,24 @@ def block_lists(classes) -> BlockLists:
     index = xp.where(xp.arange(width)[None, :] < count[:, None], order, last)
     full = xp.take_along_axis(classes, index, axis=1) == FULL
     return BlockLists(index, count, full & (xp.arange(width)[None, :] < count[:, None]))
+
+
+def visit_stats(lists: BlockLists) -> dict:
+    """What a kernel walking ``lists`` row by row does, per (batch, head).
+
+    ``grid_steps``: rows x width; ``visited_tiles``: steps that compute (FULL + PARTIAL);
+    ``kv_fetches``: kv block loads, counting a load only when the block index differs from the
+    previous step's (padding steps repeat the last index, so they load nothing). Traced lists
+    give the upper bounds (every step visits and loads).
+    """
+    rows, width = lists.kv_index.shape
+    if not lists.static:
+        steps = rows * width
+        return {"grid_steps": steps, "visited_tiles": steps, "full_tiles": 0,
+                "partial_tiles": steps, "kv_fetches": steps}
+    flat = lists.kv_index.reshape(-1)
+    full = int(lists.kv_full.sum())
+    visited = int(lists.kv_count.sum())
+    return {"grid_steps": rows * width, "visited_tiles": visited, "full_tiles": full,
+            "partial_tiles": visited - full,
+            "kv_fetches": int(1 + np.count_nonzero(flat[1:] != flat[:-1]))}

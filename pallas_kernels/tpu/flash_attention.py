@@ -1,0 +1,209 @@
+"""Block-sparse flash attention on TPU (Mosaic): one online-softmax pass, forward and backward.
+
+``flash_attention_pass`` computes, for each query row ``i`` of ``q [B, Hq, Tq, D]``,
+``lse_i = log sum_j exp(t_ij)`` and ``out_i = sum_j exp(t_ij - lse_i) v_j`` over the keys
+visible under ``mask`` (and equal segment ids), with ``t = normalizer.log_weight(q k^T + bias,
+ctx)``. Multi-pass normalizers (LSSAR) and branch merges (LM-Infinite) are the caller's: it
+combines passes with the normalizer's ``merge``. GQA: ``k``/``v`` have ``Hkv`` heads, query
+head ``h`` reads kv head ``h // (Hq // Hkv)``.
+
+Here: block sizes, padding (sequences of any length are padded to the blocks; padded keys are
+masked in the kernel), the block lists (``pallas_kernels.block_sparse``; static numpy when
+positions are numpy and there are no segment ids, else traced), the int32 info arrays, the
+``custom_vjp`` that wires the dQ and dK/dV kernels, and ``pl.CostEstimate`` from the lists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import block_sparse
+from pallas_kernels.protocols import FULL, PARTIAL
+from pallas_kernels.tpu import kernels
+
+DEFAULT_BLOCKS = (512, 512)
+SUBLANES, LANES = 8, 128  # TPU tiling: blocks are multiples of these (or the whole axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bias:
+    """Additive score bias ``fn(q_pos [bq, 1], k_pos [1, bk], slope) -> float32`` (e.g. ALiBi),
+    evaluated on the int32 positions ``q_positions [B, Tq]`` / ``k_positions [B, Tk]`` with the
+    per-query-head ``slopes [Hq]``."""
+
+    fn: Callable
+    q_positions: Any
+    k_positions: Any
+    slopes: Any
+
+
+def block_shape(tq: int, tk: int, block_sizes=None, *, interpret: bool) -> tuple[int, int]:
+    """``(block_q, block_k)`` clipped to the sequences; on hardware, checked against TPU tiling."""
+    block_q, block_k = block_sizes or DEFAULT_BLOCKS
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(blk, bool) or not isinstance(blk, (int, np.integer)) or blk < 1:
+            raise ValueError(f"`block_sizes`: {name} must be an integer >= 1, got {blk!r}")
+    bq, bk = min(int(block_q), tq), min(int(block_k), tk)
+    if not interpret:
+        for name, blk, length, unit in (("block_q", bq, tq, SUBLANES), ("block_k", bk, tk, LANES)):
+            if blk % unit and blk != length:
+                raise ValueError(
+                    f"`block_sizes`: on TPU {name} must be a multiple of {unit} or cover the "
+                    f"whole sequence ({length}); got {blk}. Sequences of any length are padded, "
+                    f"so e.g. {name}={max(unit, blk // unit * unit)} works")
+    return bq, bk
+
+
+def _iota_offset(pos) -> int | None:
+    """``c`` when static ``pos [B, T]`` is ``c + arange(T)`` in every row, else None."""
+    if not isinstance(pos, np.ndarray):
+        return None
+    c = int(pos[0, 0])
+    return c if np.array_equal(pos, c + np.arange(pos.shape[1])[None, :].repeat(len(pos), 0)) \
+        else None
+
+
+def _pad(x, length, axis, *, edge=False):
+    extra = length - x.shape[axis]
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.pad(x, widths, mode="edge" if edge else "constant")
+
+
+def _padded_positions(pos, offset, length):
+    if offset is not None:
+        return np.broadcast_to(offset + np.arange(length, dtype=np.int32), (pos.shape[0], length))
+    return _pad(pos, length, 1, edge=True)
+
+
+def _costs(lists, lists_t, shapes, group):
+    """``pl.CostEstimate`` of the forward, dQ and dK/dV kernels from the block lists."""
+    (b, hq, tq, d), dv, (bq, bk), vbytes = shapes
+    stats = block_sparse.visit_stats(lists)
+    tiles = b * hq * stats["visited_tiles"]
+    kv_bytes = b * hq * stats["kv_fetches"] * bk * (d * 4 + dv * vbytes)
+    q_bytes = b * hq * tq * (d * 4 + 4 * (dv + 4))
+    mm = 2 * bq * bk * (d + dv)
+    fwd = pl.CostEstimate(flops=tiles * mm, transcendentals=tiles * bq * bk,
+                          bytes_accessed=q_bytes + kv_bytes)
+    dq = pl.CostEstimate(flops=tiles * 2 * mm, transcendentals=tiles * bq * bk,
+                         bytes_accessed=2 * q_bytes + kv_bytes)
+    t_stats = block_sparse.visit_stats(lists_t)
+    dkv = pl.CostEstimate(
+        flops=tiles * 2 * mm, transcendentals=tiles * bq * bk,
+        bytes_accessed=b * hq * t_stats["kv_fetches"] * bq * 4 * (d + dv + 3) + 2 * kv_bytes)
+    return fwd, dq, dkv
+
+
+def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int = 0,
+                         q_positions, k_positions, q_segment_ids=None, kv_segment_ids=None,
+                         bias: Bias | None = None, block_sizes=None, interpret=False):
+    """One pass: ``(out [B, Hq, Tq, Dv] float32 or None, lse [B, Hq, Tq])``.
+
+    Args:
+      q: ``[B, Hq, Tq, D]``; k: ``[B, Hkv, Tk, D]``; v: ``[B, Hkv, Tk, Dv]`` or None (a pass
+        that only collects row sums).
+      ctx: row context for ``normalizer.log_weight``: ``{name: float32 [B, Hq, Tq]}``.
+      mask: a ``MaskLike``; normalizer: a ``NormalizerLike``; pass_idx: its pass.
+      q_positions, k_positions: int32 ``[B, T]``; numpy arrays give static block lists (and
+        iota positions in the kernel when they are ``offset + arange``).
+      q_segment_ids, kv_segment_ids: optional int32 ``[B, T]``.
+      bias: optional additive score bias (``Bias``).
+      block_sizes: ``(block_q, block_k)``, default ``DEFAULT_BLOCKS``.
+      interpret: True runs the kernels in TPU interpret mode (``pltpu.InterpretParams()``);
+        an ``InterpretParams`` instance configures the interpreter.
+    """
+    b, hq, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    if hq % hk:
+        raise ValueError(f"GQA: query heads ({hq}) must be a multiple of kv heads ({hk})")
+    with_values = v is not None
+    if interpret is True:
+        interpret = pltpu.InterpretParams()
+    bq, bk = block_shape(tq, tk, block_sizes, interpret=bool(interpret))
+    tq_p, tk_p = -(-tq // bq) * bq, -(-tk // bk) * bk
+    q_off, k_off = _iota_offset(q_positions), _iota_offset(k_positions)
+    qp = _padded_positions(q_positions, q_off, tq_p)
+    kp = _padded_positions(k_positions, k_off, tk_p)
+    segs = q_segment_ids is not None
+    qs = _pad(q_segment_ids, tq_p, 1, edge=True) if segs else None
+    ks = _pad(kv_segment_ids, tk_p, 1, edge=True) if segs else None
+    classes = block_sparse.tile_classes(mask, qp, kp, bq, bk, qs, ks)
+    if tk_p != tk:  # the last kv column holds padded keys: never skip its mask
+        xp = np if isinstance(classes, np.ndarray) else jnp
+        last = xp.where(classes[:, -1:] == FULL, PARTIAL, classes[:, -1:]).astype(np.int8)
+        classes = xp.concatenate([classes[:, :-1], last], axis=1)
+    lists, lists_t = block_sparse.block_lists(classes), block_sparse.block_lists(classes.T)
+
+    q_rows, k_rows, q_fields, k_fields = [], [], [], []
+    for name, qa, ka, on in (("pos", qp, kp, (q_off, k_off)), ("seg", qs, ks, None),
+                             ("bias", None, None, None)):
+        if name == "bias":
+            if bias is None:
+                continue
+            qa = _pad(jnp.asarray(bias.q_positions, jnp.int32), tq_p, 1, edge=True)
+            ka = _pad(jnp.asarray(bias.k_positions, jnp.int32), tk_p, 1, edge=True)
+        elif qa is None:
+            continue
+        if on is None or on[0] is None:
+            q_rows.append(jnp.asarray(qa, jnp.int32))
+            q_fields.append(name)
+        if on is None or on[1] is None:
+            k_rows.append(jnp.asarray(ka, jnp.int32))
+            k_fields.append(name)
+    q_info = jnp.stack(q_rows, axis=-1) if q_rows else None
+    k_info = jnp.stack(k_rows, axis=1) if k_rows else None
+    ctx_names = tuple(ctx)
+    ctx_arr = (jnp.stack([_pad(jnp.asarray(ctx[n], jnp.float32), tq_p, 2) for n in ctx_names],
+                         axis=-1) if ctx_names else None)
+    slopes = None if bias is None else jnp.asarray(bias.slopes, jnp.float32).reshape(hq)
+    dv = v.shape[-1] if with_values else 0
+    st = kernels.Static(
+        mask=mask, normalizer=normalizer, pass_idx=pass_idx,
+        bias_fn=None if bias is None else bias.fn, ctx_names=ctx_names,
+        q_fields=tuple(q_fields), k_fields=tuple(k_fields), q_offset=q_off or 0,
+        k_offset=k_off or 0, block_q=bq, block_k=bk, kv_len=tk, kv_padded=tk_p != tk,
+        group=hq // hk, with_values=with_values, interpret=interpret or False)
+    costs = _costs(lists, lists_t, ((b, hq, tq_p, d), dv, (bq, bk),
+                                    jnp.dtype(v.dtype).itemsize if with_values else 0), hq // hk)
+    meta = tuple((x.kv_index, x.kv_count, x.kv_full) for x in (lists, lists_t))
+    out, lse = _flash(st, costs, meta, _pad(q, tq_p, 2), _pad(k, tk_p, 2),
+                      _pad(v, tk_p, 2) if with_values else None, ctx_arr, q_info, k_info, slopes)
+    return (out[:, :, :tq] if with_values else None), lse[:, :, :tq, 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(st, costs, meta, q, k, v, ctx, q_info, k_info, slopes):
+    return kernels.forward_call(st, meta[0], (q, k, v, ctx, q_info, k_info, slopes), costs[0])
+
+
+def _flash_fwd(st, costs, meta, q, k, v, ctx, q_info, k_info, slopes):
+    out, lse = _flash(st, costs, meta, q, k, v, ctx, q_info, k_info, slopes)
+    return (out, lse), (meta, q, k, v, ctx, q_info, k_info, slopes, out, lse)
+
+
+def _flash_bwd(st, costs, res, cts):
+    meta, q, k, v, ctx, q_info, k_info, slopes, out, lse = res
+    dout, dlse = cts
+    arrays = (q, k, v, ctx, q_info, k_info, slopes)
+    base = dlse
+    if st.with_values:
+        base = base - jnp.sum(dout * out, axis=-1, keepdims=True)
+    residuals = (dout, lse, base)
+    dq, dctx = kernels.dq_call(st, meta[0], arrays, residuals, costs[1])
+    dk, dv = kernels.dkv_call(st, meta[1], arrays, residuals, costs[2])
+    return (None, dq.astype(q.dtype), dk.astype(k.dtype),
+            dv.astype(v.dtype) if st.with_values else None, dctx, None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

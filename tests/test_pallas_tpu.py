@@ -1,0 +1,232 @@
+"""The ``pallas_tpu`` backend (Mosaic TPU kernels, run here in TPU interpret mode) against the
+reference oracle, forward and gradients; the block lists against brute force; empty tiles never
+read; jax's own splash attention as an outside check; lowering to Mosaic for a real TPU."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lcattn
+from lcattn import masks as M, normalizers as N, positions as P
+from pallas_kernels import block_sparse, tpu
+from pallas_kernels.protocols import EMPTY, FULL
+from tests.helpers import assert_close, outputs_and_grads, qkv
+
+MASKS = {"full": (M.Full(), None), "causal": (M.Causal(), None), "local": (M.Local(21), None),
+         "chunked": (M.Chunked(24), None), "lambda": (M.Lambda(20, 5), None),
+         "lambda_limit": (M.Lambda(20, 5), 30), "causal_segments": (M.Causal(), None)}
+NORMS = {"softmax": N.Softmax(), "lssa": N.Softplus(), "lssar": N.Reweighted()}
+HEADS = [(2, 2), (4, 2), (2, 1)]
+DTYPES = [jnp.float32, jnp.bfloat16]
+# Every mask meets every normalizer; GQA layouts and dtypes rotate through the grid.
+CASES = [(m, n, HEADS[c % 3], DTYPES[c % 2])
+         for c, (m, n) in enumerate(itertools.product(MASKS, NORMS))]
+BLOCKS = (16, 32)
+
+
+def compare(q, k, v, spec, blocks=BLOCKS, **kw):
+    ref_out, ref_grads = outputs_and_grads(q, k, v, spec, "reference", **kw)
+    out, grads = outputs_and_grads(q, k, v, spec, "pallas_tpu", block_sizes=blocks, **kw)
+    assert out.dtype == q.dtype and out.shape == ref_out.shape
+    assert_close(out, ref_out, q.dtype)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == q.dtype, name
+        assert_close(g, rg, q.dtype, scale_by_max=True)
+
+
+def _packed(b, t, n_docs, seed):
+    rng = np.random.default_rng(seed)
+    seg = np.sort(rng.integers(0, n_docs, size=(b, t)), axis=1).astype(np.int32)
+    starts = np.array([[np.argmax(row == s) for s in row] for row in seg])
+    return jnp.asarray(seg), (np.arange(t)[None] - starts).astype(np.int32)
+
+
+@pytest.mark.parametrize("mask,norm,heads,dtype", CASES,
+                         ids=[f"{m}-{n}-{h[0]}x{h[1]}-{jnp.dtype(d).name}"
+                              for m, n, h, d in CASES])
+def test_matches_reference(mask, norm, heads, dtype):
+    """T = 72 is not a multiple of either block: q and kv are padded and masked."""
+    m, limit = MASKS[mask]
+    spec = lcattn.AttentionSpec(m, NORMS[norm], P.RoPE(), limit)
+    kw = {}
+    if mask == "causal_segments":
+        seg, pos = _packed(1, 72, 3, seed=5)
+        kw = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, k_positions=pos)
+    compare(*qkv(0, 1, 72, 72, heads[0], heads[1], 16, dtype), spec, **kw)
+
+
+@pytest.mark.parametrize("norm", [N.Softmax(softcap=2.0), N.Reweighted(p=3, warmup_rows=4)],
+                         ids=repr)
+def test_alibi_with_distance_limit(norm):
+    spec = lcattn.AttentionSpec(M.Lambda(16, 3), norm, P.ALiBi(), distance_limit=12)
+    compare(*qkv(1, 2, 48, 48, 4, 2, 8), spec)
+
+
+def test_decode_rows_against_a_cache():
+    """Few queries at the end of a long key range: static iota offsets, ``Tq != Tk``."""
+    spec = lcattn.AttentionSpec(M.Lambda(16, 4), N.Softplus(), P.RoPE(), distance_limit=16)
+    qpos = np.arange(91, 96, dtype=np.int32)
+    compare(*qkv(2, 1, 5, 96, 2, 1, 8), spec, blocks=(8, 16), q_positions=qpos)
+
+
+def test_empty_tiles_are_never_read():
+    """NaN in every kv block the lists skip: the output stays finite and right."""
+    b, tk, hk, d = 1, 128, 1, 8
+    spec = lcattn.AttentionSpec(M.Local(16), N.Softmax(), P.RoPE())
+    q, k, v = qkv(3, b, 8, tk, 2, hk, d)
+    qpos = np.arange(tk - 8, tk, dtype=np.int32)
+    want = lcattn.attend(q, k, v, spec, q_positions=qpos, backend="reference")
+    poison = jnp.arange(tk)[None, :, None, None] < tk - 32  # blocks 0..2 of 4 are EMPTY
+    k_bad, v_bad = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
+    got = lcattn.attend(q, k_bad, v_bad, spec, q_positions=qpos, backend="pallas_tpu",
+                        block_sizes=(8, 32))
+    assert_close(got, want, jnp.float32)
+
+
+def _brute_tiles(mask, q_pos, k_pos, bq, bk, q_seg=None, kv_seg=None):
+    vis = mask(q_pos[..., :, None], k_pos[..., None, :])
+    if q_seg is not None:
+        vis = vis & (q_seg[..., :, None] == kv_seg[..., None, :])
+    b, tq, tk = vis.shape
+    tiles = vis.reshape(b, tq // bq, bq, tk // bk, bk)
+    return tiles.any(axis=(0, 2, 4)), tiles.all(axis=(0, 2, 4))
+
+
+@pytest.mark.parametrize("mask", [M.Causal(), M.Local(40), M.Chunked(48), M.Lambda(40, 8),
+                                  M.Lambda(40, 8) & M.Beyond(40), M.Full()], ids=repr)
+@pytest.mark.parametrize("segments", [False, True])
+def test_visited_tiles_are_exactly_the_nonempty_tiles(mask, segments):
+    rng = np.random.default_rng(0)
+    t, bq, bk = 256, 16, 32
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (2, t))
+    seg = np.sort(rng.integers(0, 4, size=(2, t)), axis=1).astype(np.int32) if segments else None
+    any_, all_ = _brute_tiles(mask, pos, pos, bq, bk, seg, seg)
+    segs = (jnp.asarray(seg), jnp.asarray(seg)) if segments else (None, None)
+    for lists in (block_sparse.block_lists(block_sparse.tile_classes(mask, pos, pos, bq, bk,
+                                                                     *segs)),):
+        index, count, full = (np.asarray(x) for x in (lists.kv_index, lists.kv_count,
+                                                      lists.kv_full))
+        visited = np.zeros_like(any_)
+        flagged = np.zeros_like(any_)
+        for i in range(len(count)):
+            row = index[i, :count[i]]
+            assert len(set(row.tolist())) == count[i]  # each tile once
+            visited[i, row] = True
+            flagged[i, row] = full[i, :count[i]]
+            assert not full[i, count[i]:].any()
+        np.testing.assert_array_equal(visited, any_)
+        np.testing.assert_array_equal(flagged, all_ & any_)
+        stats = block_sparse.visit_stats(lists)
+        if lists.static:
+            assert stats["visited_tiles"] == int(any_.sum())
+            assert stats["full_tiles"] == int(all_.sum())
+
+
+def test_lambda_grid_width_does_not_grow_with_length():
+    widths = []
+    for t in (1024, 4096, 16384):
+        pos = np.arange(t, dtype=np.int32)[None]
+        lists = block_sparse.block_lists(block_sparse.tile_classes(M.Lambda(256, 16), pos, pos,
+                                                                   128, 128))
+        widths.append(lists.kv_index.shape[1])
+    assert widths == [4, 4, 4]  # the sink block plus the window's 3 blocks
+    pos = np.arange(4096, dtype=np.int32)[None]
+    classes = block_sparse.tile_classes(M.Lambda(256, 16), pos, pos, 128, 128)
+    assert (classes == FULL).sum() > 0 and (classes == EMPTY).sum() > 0
+
+
+def test_kernel_grid_walks_only_the_short_lists():
+    """The forward grid is ``B * Hq * nq * W`` steps, W the longest list, not ``nq * nk``."""
+    from jax.experimental.pallas import tpu as pltpu
+    points = []
+
+    def record(token, point, core):  # the interpreter's grid-point hook
+        points.append(tuple(int(x) for x in point))
+        return token
+
+    t, bq, bk, hq = 512, 64, 64, 2
+    mask = M.Lambda(128, 8)
+    pos = np.arange(t, dtype=np.int32)[None]
+    lists = block_sparse.block_lists(block_sparse.tile_classes(mask, pos, pos, bq, bk))
+    width = lists.kv_index.shape[1]
+    q, k, v = qkv(0, 1, t, t, hq, 1, 8)
+    lcattn.attend(q, k, v, lcattn.AttentionSpec(mask, N.Softmax()), backend="pallas_tpu",
+                  block_sizes=(bq, bk), interpret=pltpu.InterpretParams(grid_point_recorder=record))
+    assert len(points) == len(set(points)) == hq * (t // bq) * width
+    assert width == 4 < t // bk  # the sink block and the window's three
+    stats = block_sparse.visit_stats(lists)
+    assert stats["grid_steps"] == (t // bq) * width
+    assert stats["visited_tiles"] < stats["grid_steps"]  # the first rows pad their lists
+    assert stats["kv_fetches"] <= stats["visited_tiles"]  # padding steps load nothing
+
+
+def _splash(q, k, v, mask_np):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    heads = q.shape[2]
+    kernel = sa.make_splash_mha_single_device(
+        sa.MultiHeadMask([sa.NumpyMask(mask_np)] * heads),
+        block_sizes=sa.BlockSizes(block_q=128, block_kv=128, block_kv_compute=128),
+        interpret=True)
+    swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, D] -> [B, H, T, D]
+    return swap(jax.vmap(kernel)(swap(q), swap(k), swap(v)))
+
+
+@pytest.mark.parametrize("mask", [M.Causal(), M.Local(100)], ids=repr)
+def test_matches_jax_splash_attention(mask):
+    t = 256
+    q, k, v = qkv(4, 2, t, t, 2, 2, 64)
+    spec = lcattn.AttentionSpec(mask, N.Softmax(scale=1.0), P.NoPE())
+    pos = np.arange(t)
+    want = _splash(q, k, v, np.asarray(mask(pos[:, None], pos[None, :])))
+    got = lcattn.attend(q, k, v, spec, backend="pallas_tpu", block_sizes=(128, 128))
+    assert_close(got, want, jnp.float32)
+
+
+@pytest.mark.parametrize("blocks,match", [((0, 16), "block_q must be an integer >= 1"),
+                                          ((16, True), "block_k must be an integer >= 1")])
+def test_bad_block_sizes(blocks, match):
+    q, k, v = qkv(0, 1, 32, 32, 2, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        lcattn.attend(q, k, v, lcattn.AttentionSpec(), backend="pallas_tpu", block_sizes=blocks)
+
+
+def test_hardware_tiling_is_checked_outside_interpret_mode():
+    with pytest.raises(ValueError, match="block_k must be a multiple of 128"):
+        tpu.block_shape(1024, 1024, (128, 96), interpret=False)
+    assert tpu.block_shape(100, 1000, (128, 512), interpret=False) == (100, 512)
+    assert tpu.block_shape(64, 64, (16, 24), interpret=True) == (16, 24)
+
+
+def test_unknown_backend_lists_pallas_tpu():
+    q, k, v = qkv(0, 1, 8, 8, 1, 1, 8)
+    with pytest.raises(ValueError, match="pallas_tpu"):
+        lcattn.attend(q, k, v, lcattn.AttentionSpec(), backend="pallas")
+
+
+@pytest.mark.parametrize("spec,segments", [
+    (lcattn.AttentionSpec(M.Causal(), N.Softmax()), False),
+    (lcattn.AttentionSpec(M.Lambda(256, 64), N.Reweighted(), distance_limit=256), True),
+    (lcattn.AttentionSpec(M.Chunked(256), N.Softplus(), P.ALiBi()), False)], ids=repr)
+def test_lowers_to_mosaic_for_a_tpu(spec, segments):
+    """Forward and backward lower to Mosaic TPU custom calls (cross-lowered from this CPU for an
+    abstract TPU v5e; catches unsupported ops and illegal block shapes, not compiler limits)."""
+    from jax._src import mesh as mesh_lib  # AbstractDevice: no public constructor yet
+    b, t = 1, 1024
+    q = jnp.zeros((b, t, 4, 128), jnp.bfloat16)
+    k = jnp.zeros((b, t, 2, 128), jnp.bfloat16)
+    seg = jnp.zeros((b, t), jnp.int32) if segments else None
+
+    def loss(q_, k_, v_):
+        out = lcattn.attend(q_, k_, v_, spec, backend="pallas_tpu", block_sizes=(256, 256),
+                            interpret=False, q_segment_ids=seg, kv_segment_ids=seg)
+        return jnp.sum(out.astype(jnp.float32))
+
+    device = mesh_lib.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
+            lowering_platforms=("tpu",)).as_text()
+    passes = spec.normalizer.num_passes * (2 if spec.distance_limit else 1)
+    assert text.count("tpu_custom_call") >= 3 * passes  # forward, dQ, dK/dV per pass
