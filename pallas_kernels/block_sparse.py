@@ -75,22 +75,75 @@ def block_lists(classes) -> BlockLists:
     return BlockLists(index, count, full & (xp.arange(width)[None, :] < count[:, None]))
 
 
-def visit_stats(lists: BlockLists) -> dict:
-    """What a kernel walking ``lists`` row by row does, per (batch, head).
 
-    ``grid_steps``: rows x width; ``visited_tiles``: steps that compute (FULL + PARTIAL);
-    ``kv_fetches``: kv block loads, counting a load only when the block index differs from the
-    previous step's (padding steps repeat the last index, so they load nothing). Traced lists
-    give the upper bounds (every step visits and loads).
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A flat kernel grid over the visited tiles: step ``s`` pairs row block ``row[s]`` with
+    column block ``col[s]`` for sub-head ``sub[s]`` (GQA: the query head within a kv group).
+
+    ``flags[s]`` bits: 1 FULL tile, 2 active (compute), 4 first step of its (row, sub...) output
+    block, 8 last. Steps of one output row are contiguous, so an accumulator lives in scratch
+    from ``first`` to ``last`` and the output block is written once. Static lists give exactly
+    the visited tiles (plus one inactive step per empty row, which writes its zero output);
+    traced lists give ``rows * group * width`` steps whose padding steps repeat the previous
+    column (no DMA) and are inactive.
     """
+
+    row: Any
+    sub: Any
+    col: Any
+    flags: Any
+
+    FULL, ACTIVE, FIRST, LAST = 1, 2, 4, 8
+
+    @property
+    def steps(self) -> int:
+        return int(self.row.shape[0])
+
+
+def schedule(lists: BlockLists, group: int = 1) -> Schedule:
+    """Flatten ``lists`` row by row; each row repeats its list for ``group`` sub-heads."""
+    xp = np if lists.static else jnp
     rows, width = lists.kv_index.shape
-    if not lists.static:
-        steps = rows * width
+    count = lists.kv_count
+    if lists.static:  # exactly the visited tiles; an empty row keeps one inactive step
+        per_row = np.maximum(count, 1)
+        row = np.repeat(np.arange(rows), per_row * group)
+        starts = np.repeat(np.cumsum(per_row * group) - per_row * group, per_row * group)
+        local = np.arange(row.size) - starts
+        sub, jj = local // per_row[row], local % per_row[row]
+        active = jj < count[row]
+        length = per_row[row]
+    else:
+        row = jnp.repeat(jnp.arange(rows), group * width)
+        local = jnp.tile(jnp.arange(group * width), rows)
+        sub, jj = local // width, local % width
+        active = jj < count[row]
+        length = width
+    col = lists.kv_index[row, jj]
+    full = lists.kv_full[row, jj] & active
+    first = (sub == 0) & (jj == 0)
+    last = (sub == group - 1) & (jj == length - 1)
+    if lists.static:  # an empty row's step reuses the previous step's column: no DMA
+        prev = np.concatenate([[col[0]], col[:-1]])
+        col = np.where(active, col, prev)
+    flags = (full * Schedule.FULL + active * Schedule.ACTIVE + first * Schedule.FIRST
+             + last * Schedule.LAST)
+    return Schedule(*(xp.asarray(a).astype(np.int32) for a in (row, sub, col, flags)))
+
+
+def visit_stats(sched: Schedule) -> dict:
+    """What a kernel walking ``sched`` does per (batch, head): ``grid_steps``;
+    ``visited_tiles`` (active steps; ``full_tiles`` of them skip the mask); ``block_fetches``:
+    column-block loads, counted only where ``(sub, col)`` differs from the previous step's (when
+    the Pallas pipeline issues a DMA). Traced schedules give upper bounds."""
+    steps = sched.steps
+    if not isinstance(sched.flags, np.ndarray):
         return {"grid_steps": steps, "visited_tiles": steps, "full_tiles": 0,
-                "partial_tiles": steps, "kv_fetches": steps}
-    flat = lists.kv_index.reshape(-1)
-    full = int(lists.kv_full.sum())
-    visited = int(lists.kv_count.sum())
-    return {"grid_steps": rows * width, "visited_tiles": visited, "full_tiles": full,
-            "partial_tiles": visited - full,
-            "kv_fetches": int(1 + np.count_nonzero(flat[1:] != flat[:-1]))}
+                "partial_tiles": steps, "block_fetches": steps}
+    active = (sched.flags & Schedule.ACTIVE) != 0
+    full = int(((sched.flags & Schedule.FULL) != 0).sum())
+    key = sched.col.astype(np.int64) * (int(sched.sub.max()) + 1) + sched.sub
+    return {"grid_steps": steps, "visited_tiles": int(active.sum()), "full_tiles": full,
+            "partial_tiles": int(active.sum()) - full,
+            "block_fetches": int(1 + np.count_nonzero(key[1:] != key[:-1]))}

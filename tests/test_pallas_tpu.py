@@ -118,10 +118,17 @@ def test_visited_tiles_are_exactly_the_nonempty_tiles(mask, segments):
             assert not full[i, count[i]:].any()
         np.testing.assert_array_equal(visited, any_)
         np.testing.assert_array_equal(flagged, all_ & any_)
-        stats = block_sparse.visit_stats(lists)
+        sched = block_sparse.schedule(lists, group=2)
+        active = (np.asarray(sched.flags) & block_sparse.Schedule.ACTIVE) != 0
+        pairs = {(int(i), int(j)) for i, j in zip(np.asarray(sched.row)[active],
+                                                   np.asarray(sched.col)[active])}
+        assert pairs == set(zip(*np.nonzero(any_)))
+        assert active.sum() == 2 * any_.sum()  # each tile once per head of the group
         if lists.static:
-            assert stats["visited_tiles"] == int(any_.sum())
-            assert stats["full_tiles"] == int(all_.sum())
+            assert sched.steps == 2 * np.maximum(count, 1).sum()  # no padding steps
+            stats = block_sparse.visit_stats(sched)
+            assert stats["visited_tiles"] == 2 * int(any_.sum())
+            assert stats["full_tiles"] == 2 * int(all_.sum())
 
 
 def test_lambda_grid_width_does_not_grow_with_length():
@@ -137,8 +144,9 @@ def test_lambda_grid_width_does_not_grow_with_length():
     assert (classes == FULL).sum() > 0 and (classes == EMPTY).sum() > 0
 
 
-def test_kernel_grid_walks_only_the_short_lists():
-    """The forward grid is ``B * Hq * nq * W`` steps, W the longest list, not ``nq * nk``."""
+def test_kernel_grids_walk_only_the_visited_tiles():
+    """Record the grid points the interpreter runs: forward, dQ and dK/dV each take one step
+    per visited tile (per head), not ``nq * nk``, the dK/dV grid included despite the sinks."""
     from jax.experimental.pallas import tpu as pltpu
     points = []
 
@@ -146,20 +154,21 @@ def test_kernel_grid_walks_only_the_short_lists():
         points.append(tuple(int(x) for x in point))
         return token
 
-    t, bq, bk, hq = 512, 64, 64, 2
+    t, bq, bk, hq, hk = 512, 64, 64, 2, 1
     mask = M.Lambda(128, 8)
     pos = np.arange(t, dtype=np.int32)[None]
-    lists = block_sparse.block_lists(block_sparse.tile_classes(mask, pos, pos, bq, bk))
-    width = lists.kv_index.shape[1]
-    q, k, v = qkv(0, 1, t, t, hq, 1, 8)
-    lcattn.attend(q, k, v, lcattn.AttentionSpec(mask, N.Softmax()), backend="pallas_tpu",
-                  block_sizes=(bq, bk), interpret=pltpu.InterpretParams(grid_point_recorder=record))
-    assert len(points) == len(set(points)) == hq * (t // bq) * width
-    assert width == 4 < t // bk  # the sink block and the window's three
-    stats = block_sparse.visit_stats(lists)
-    assert stats["grid_steps"] == (t // bq) * width
-    assert stats["visited_tiles"] < stats["grid_steps"]  # the first rows pad their lists
-    assert stats["kv_fetches"] <= stats["visited_tiles"]  # padding steps load nothing
+    classes = block_sparse.tile_classes(mask, pos, pos, bq, bk)
+    visited = int((classes != EMPTY).sum())
+    assert visited == 1 + 2 + 3 + 5 * 4 < (t // bq) * (t // bk)  # sink + window of 3
+    q, k, v = qkv(0, 1, t, t, hq, hk, 8)
+    spec = lcattn.AttentionSpec(mask, N.Softmax())
+    params = pltpu.InterpretParams(grid_point_recorder=record)
+    jax.grad(lambda q_: jnp.sum(lcattn.attend(q_, k, v, spec, backend="pallas_tpu",
+                                              block_sizes=(bq, bk), interpret=params)))(q)
+    assert len(points) == 3 * hq * visited  # forward, dQ, dK/dV
+    stats = block_sparse.visit_stats(block_sparse.schedule(block_sparse.block_lists(classes)))
+    assert stats["grid_steps"] == stats["visited_tiles"] == visited
+    assert stats["block_fetches"] <= visited
 
 
 def _splash(q, k, v, mask_np):

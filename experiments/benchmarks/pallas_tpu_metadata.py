@@ -5,9 +5,9 @@ Run (from the repository root)::
     PYTHONPATH=. python -m experiments.benchmarks.pallas_tpu_metadata \
         --out=experiments/benchmarks/results/pallas_tpu_metadata.json
 
-No TPU is needed: the numbers come from ``pallas_kernels.block_sparse`` (the same lists the
+No TPU is needed: the numbers come from ``pallas_kernels.block_sparse`` (the same schedules the
 kernels scalar-prefetch), not from a run. For each T, mask and pass (forward: q-block rows;
-dK/dV: the transposed lists) it reports grid steps, visited tiles (FULL / PARTIAL), kv block
+dK/dV: the transposed lists) it reports grid steps, visited tiles (FULL / PARTIAL), block
 loads (a load only when the block index changes between grid steps, which is when the Pallas
 pipeline issues a DMA) and the bytes they move for bfloat16 q/k/v with ``--head_dim``, against
 a dense causal kernel (what one writes without block lists: a ``nq x nk`` grid that loads every
@@ -38,7 +38,7 @@ BF16 = 2
 
 def _bytes(stats, t, block_k, d):
     """Forward bytes per head: q read once, kv loads, out written once (+ float32 lse)."""
-    return t * d * BF16 + stats["kv_fetches"] * block_k * 2 * d * BF16 + t * (d * BF16 + 4)
+    return t * d * BF16 + stats["block_fetches"] * block_k * 2 * d * BF16 + t * (d * BF16 + 4)
 
 
 def measure(t: int, mask_name: str, bq: int, bk: int, d: int) -> dict:
@@ -46,19 +46,18 @@ def measure(t: int, mask_name: str, bq: int, bk: int, d: int) -> dict:
                                                                      _N_GLOBAL.value)
     pos = np.arange(t, dtype=np.int32)[None]
     classes = block_sparse.tile_classes(mask, pos, pos, bq, bk)
-    fwd = block_sparse.visit_stats(block_sparse.block_lists(classes))
-    dkv = block_sparse.visit_stats(block_sparse.block_lists(classes.T))
+    fwd = block_sparse.visit_stats(block_sparse.schedule(block_sparse.block_lists(classes)))
+    dkv = block_sparse.visit_stats(block_sparse.schedule(block_sparse.block_lists(classes.T)))
     nq, nk = classes.shape
-    dense = {"grid_steps": nq * nk, "visited_tiles": nq * nk, "kv_fetches": nq * nk}
+    dense = {"grid_steps": nq * nk, "visited_tiles": nq * nk, "block_fetches": nq * nk}
     rec = {"seq_len": t, "mask": repr(mask), "block_sizes": [bq, bk], "head_dim": d,
            "forward": {**fwd, "bytes": _bytes(fwd, t, bk, d),
                        "flops": 4 * fwd["visited_tiles"] * bq * bk * d},
-           "dkv": {**dkv, "q_block_fetches": dkv["kv_fetches"]},
+           "dkv": dkv,
            "dense_causal_kernel": {**dense, "bytes": _bytes(dense, t, bk, d),
                                    "flops": 4 * nq * nk * bq * bk * d}}
     rec["ratio"] = {"visited_tiles": dense["visited_tiles"] / fwd["visited_tiles"],
                     "bytes": rec["dense_causal_kernel"]["bytes"] / rec["forward"]["bytes"]}
-    del rec["dkv"]["kv_fetches"]
     return rec
 
 

@@ -8,9 +8,10 @@ combines passes with the normalizer's ``merge``. GQA: ``k``/``v`` have ``Hkv`` h
 head ``h`` reads kv head ``h // (Hq // Hkv)``.
 
 Here: block sizes, padding (sequences of any length are padded to the blocks; padded keys are
-masked in the kernel), the block lists (``pallas_kernels.block_sparse``; static numpy when
-positions are numpy and there are no segment ids, else traced), the int32 info arrays, the
-``custom_vjp`` that wires the dQ and dK/dV kernels, and ``pl.CostEstimate`` from the lists.
+masked in the kernel), the block lists and their flat schedules (``pallas_kernels.block_sparse``;
+static numpy when positions are numpy and there are no segment ids, else traced), the int32
+info arrays, the ``custom_vjp`` that wires the dQ and dK/dV kernels, and ``pl.CostEstimate``
+from the schedules.
 """
 from __future__ import annotations
 
@@ -86,23 +87,21 @@ def _padded_positions(pos, offset, length):
     return _pad(pos, length, 1, edge=True)
 
 
-def _costs(lists, lists_t, shapes, group):
-    """``pl.CostEstimate`` of the forward, dQ and dK/dV kernels from the block lists."""
-    (b, hq, tq, d), dv, (bq, bk), vbytes = shapes
-    stats = block_sparse.visit_stats(lists)
-    tiles = b * hq * stats["visited_tiles"]
-    kv_bytes = b * hq * stats["kv_fetches"] * bk * (d * 4 + dv * vbytes)
+def _costs(sched, sched_t, shapes):
+    """``pl.CostEstimate`` of the forward, dQ and dK/dV kernels from their schedules."""
+    (b, hq, hkv, tq, d), dv, (bq, bk), vbytes = shapes
+    fwd, bwd = block_sparse.visit_stats(sched), block_sparse.visit_stats(sched_t)
+    tiles = b * hq * fwd["visited_tiles"]
+    kv_bytes = b * hq * fwd["block_fetches"] * bk * (d * 4 + dv * vbytes)
     q_bytes = b * hq * tq * (d * 4 + 4 * (dv + 4))
     mm = 2 * bq * bk * (d + dv)
-    fwd = pl.CostEstimate(flops=tiles * mm, transcendentals=tiles * bq * bk,
-                          bytes_accessed=q_bytes + kv_bytes)
-    dq = pl.CostEstimate(flops=tiles * 2 * mm, transcendentals=tiles * bq * bk,
-                         bytes_accessed=2 * q_bytes + kv_bytes)
-    t_stats = block_sparse.visit_stats(lists_t)
-    dkv = pl.CostEstimate(
-        flops=tiles * 2 * mm, transcendentals=tiles * bq * bk,
-        bytes_accessed=b * hq * t_stats["kv_fetches"] * bq * 4 * (d + dv + 3) + 2 * kv_bytes)
-    return fwd, dq, dkv
+    return (pl.CostEstimate(flops=tiles * mm, transcendentals=tiles * bq * bk,
+                            bytes_accessed=q_bytes + kv_bytes),
+            pl.CostEstimate(flops=tiles * 2 * mm, transcendentals=tiles * bq * bk,
+                            bytes_accessed=2 * q_bytes + kv_bytes),
+            pl.CostEstimate(flops=tiles * 2 * mm, transcendentals=tiles * bq * bk,
+                            bytes_accessed=b * hkv * bwd["block_fetches"] * bq * 4 * (d + dv + 3)
+                            + 2 * kv_bytes))
 
 
 def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int = 0,
@@ -143,7 +142,8 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
         xp = np if isinstance(classes, np.ndarray) else jnp
         last = xp.where(classes[:, -1:] == FULL, PARTIAL, classes[:, -1:]).astype(np.int8)
         classes = xp.concatenate([classes[:, :-1], last], axis=1)
-    lists, lists_t = block_sparse.block_lists(classes), block_sparse.block_lists(classes.T)
+    sched = block_sparse.schedule(block_sparse.block_lists(classes))
+    sched_t = block_sparse.schedule(block_sparse.block_lists(classes.T), group=hq // hk)
 
     q_rows, k_rows, q_fields, k_fields = [], [], [], []
     for name, qa, ka, on in (("pos", qp, kp, (q_off, k_off)), ("seg", qs, ks, None),
@@ -174,9 +174,9 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
         q_fields=tuple(q_fields), k_fields=tuple(k_fields), q_offset=q_off or 0,
         k_offset=k_off or 0, block_q=bq, block_k=bk, kv_len=tk, kv_padded=tk_p != tk,
         group=hq // hk, with_values=with_values, interpret=interpret or False)
-    costs = _costs(lists, lists_t, ((b, hq, tq_p, d), dv, (bq, bk),
-                                    jnp.dtype(v.dtype).itemsize if with_values else 0), hq // hk)
-    meta = tuple((x.kv_index, x.kv_count, x.kv_full) for x in (lists, lists_t))
+    costs = _costs(sched, sched_t, ((b, hq, hk, tq_p, d), dv, (bq, bk),
+                                    jnp.dtype(v.dtype).itemsize if with_values else 0))
+    meta = tuple((x.row, x.sub, x.col, x.flags) for x in (sched, sched_t))
     out, lse = _flash(st, costs, meta, _pad(q, tq_p, 2), _pad(k, tk_p, 2),
                       _pad(v, tk_p, 2) if with_values else None, ctx_arr, q_info, k_info, slopes)
     return (out[:, :, :tq] if with_values else None), lse[:, :, :tq, 0]
@@ -184,7 +184,8 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _flash(st, costs, meta, q, k, v, ctx, q_info, k_info, slopes):
-    return kernels.forward_call(st, meta[0], (q, k, v, ctx, q_info, k_info, slopes), costs[0])
+    return kernels.forward_call(st, block_sparse.Schedule(*meta[0]),
+                                (q, k, v, ctx, q_info, k_info, slopes), costs[0])
 
 
 def _flash_fwd(st, costs, meta, q, k, v, ctx, q_info, k_info, slopes):
@@ -200,8 +201,8 @@ def _flash_bwd(st, costs, res, cts):
     if st.with_values:
         base = base - jnp.sum(dout * out, axis=-1, keepdims=True)
     residuals = (dout, lse, base)
-    dq, dctx = kernels.dq_call(st, meta[0], arrays, residuals, costs[1])
-    dk, dv = kernels.dkv_call(st, meta[1], arrays, residuals, costs[2])
+    dq, dctx = kernels.dq_call(st, block_sparse.Schedule(*meta[0]), arrays, residuals, costs[1])
+    dk, dv = kernels.dkv_call(st, block_sparse.Schedule(*meta[1]), arrays, residuals, costs[2])
     return (None, dq.astype(q.dtype), dk.astype(k.dtype),
             dv.astype(v.dtype) if st.with_values else None, dctx, None, None, None)
 

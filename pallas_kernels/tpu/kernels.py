@@ -1,13 +1,18 @@
 """Mosaic TPU kernel bodies and ``pallas_call`` builders: forward, dQ and dK/dV.
 
-All three walk the block-sparse lists of ``pallas_kernels.block_sparse`` (scalar-prefetched
-into SMEM, flattened row-major ``[rows * width]``):
+All three walk a flat ``pallas_kernels.block_sparse.Schedule`` of the visited tiles, its four
+int32 arrays (row block, sub-head, column block, flags) scalar-prefetched into SMEM:
 
-* forward and dQ: grid ``(B, Hq, nq, W)``; step ``jj`` of q block ``i`` visits kv block
-  ``kv_index[i, jj]``; steps ``jj >= kv_count[i]`` repeat the last index (the pipeline issues
-  no DMA when a block index does not change) and are skipped with ``pl.when``;
-* dK/dV: grid ``(B, Hkv, nk, G * W')`` over the transposed lists; step ``s`` visits query head
-  ``hkv * G + s // W'`` and q block ``q_index[j, s % W']``, so GQA needs no repeated K/V.
+* forward and dQ: grid ``(B, Hq, S)`` over the q-block rows' lists; step ``s`` pairs q block
+  ``row[s]`` with kv block ``col[s]`` (K/V of kv head ``h // G``: GQA needs no repeated K/V);
+* dK/dV: grid ``(B, Hkv, S')`` over the transposed lists, each kv block's list repeated for the
+  ``G`` query heads of its group: kv block ``row[s]``, query head ``hkv * G + sub[s]``, q block
+  ``col[s]``.
+
+A row's steps are contiguous: its accumulators live in VMEM scratch from the step flagged
+``first`` to the one flagged ``last``, where the output block is written. Inactive steps (an
+empty row's single step, or the padding of traced lists) repeat the previous block index, so
+the pipeline issues no DMA, and ``pl.when`` skips their compute.
 
 Tiles marked FULL skip the mask; PARTIAL tiles evaluate it on position tiles (iota when
 positions are ``offset + arange``, else an int32 info block) and segment-id tiles. The math
@@ -122,14 +127,21 @@ def _each_tile_kind(active, full, body):
 
 
 # -- kernels -------------------------------------------------------------------------------
-def _fwd_kernel(st: Static, names, width, *refs):
+def _step(r):
+    """``(row, sub, col, full, active, first, last)`` of this grid step (axis 2)."""
+    s = pl.program_id(2)
+    f = r["flags"][s]
+    return (r["row"][s], r["sub"][s], r["col"][s], (f & 1) != 0, (f & 2) != 0, (f & 4) != 0,
+            (f & 8) != 0)
+
+
+def _fwd_kernel(st: Static, names, *refs):
     r = dict(zip(names, refs))
-    h, i, jj = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    slot = i * width + jj
-    j, full = r["kv_index"][slot], r["kv_full"][slot] != 0
+    h = pl.program_id(1)
+    i, _, j, full, active, first, last = _step(r)
     norm = st.normalizer
 
-    @pl.when(jj == 0)
+    @pl.when(first)
     def _init():
         r["m"][...] = jnp.full(r["m"].shape, -jnp.inf, jnp.float32)
         r["l"][...] = jnp.zeros(r["l"].shape, jnp.float32)
@@ -147,9 +159,9 @@ def _fwd_kernel(st: Static, names, width, *refs):
         if st.with_values:
             r["acc"][...] = acc
 
-    _each_tile_kind(jj < r["kv_count"][i], full, step)
+    _each_tile_kind(active, full, step)
 
-    @pl.when(jj == width - 1)
+    @pl.when(last)
     def _finish():
         out, lse = norm.finalize(state())
         if st.with_values:
@@ -157,13 +169,12 @@ def _fwd_kernel(st: Static, names, width, *refs):
         r["lse"][...] = lse[:, None]
 
 
-def _dq_kernel(st: Static, names, width, *refs):
+def _dq_kernel(st: Static, names, *refs):
     r = dict(zip(names, refs))
-    h, i, jj = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    slot = i * width + jj
-    j, full = r["kv_index"][slot], r["kv_full"][slot] != 0
+    h = pl.program_id(1)
+    i, _, j, full, active, first, last = _step(r)
 
-    @pl.when(jj == 0)
+    @pl.when(first)
     def _init():
         r["dq_acc"][...] = jnp.zeros(r["dq_acc"].shape, jnp.float32)
         if st.ctx_names:
@@ -177,24 +188,21 @@ def _dq_kernel(st: Static, names, width, *refs):
         for c, n in enumerate(st.ctx_names):
             r["dctx_acc"][:, c:c + 1] += dctx[n]
 
-    _each_tile_kind(jj < r["kv_count"][i], full, step)
+    _each_tile_kind(active, full, step)
 
-    @pl.when(jj == width - 1)
+    @pl.when(last)
     def _finish():
         r["dq"][...] = r["dq_acc"][...]
         if st.ctx_names:
             r["dctx"][...] = r["dctx_acc"][...]
 
 
-def _dkv_kernel(st: Static, names, width, *refs):
+def _dkv_kernel(st: Static, names, *refs):
     r = dict(zip(names, refs))
-    hk, j, step_id = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    ii = step_id % width
-    slot = j * width + ii
-    i, full = r["q_index"][slot], r["q_full"][slot] != 0
-    h = hk * st.group + step_id // width
+    j, g, i, full, active, first, last = _step(r)
+    h = pl.program_id(1) * st.group + g
 
-    @pl.when(step_id == 0)
+    @pl.when(first)
     def _init():
         r["dk_acc"][...] = jnp.zeros(r["dk_acc"].shape, jnp.float32)
         if st.with_values:
@@ -209,9 +217,9 @@ def _dkv_kernel(st: Static, names, width, *refs):
         r["dk_acc"][...] += jax.lax.dot_general(
             ds, r["q"][...].astype(jnp.float32), _TN, preferred_element_type=jnp.float32)
 
-    _each_tile_kind(ii < r["q_count"][j], full, step)
+    _each_tile_kind(active, full, step)
 
-    @pl.when(step_id == st.group * width - 1)
+    @pl.when(last)
     def _finish():
         r["dk"][...] = r["dk_acc"][...]
         if st.with_values:
@@ -221,7 +229,7 @@ def _dkv_kernel(st: Static, names, width, *refs):
 # -- pallas_call builders ------------------------------------------------------------------
 def _params(st: Static):
     return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+        dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 class _Specs:
@@ -267,131 +275,120 @@ def _common_inputs(st: Static, ins: _Specs, spec_fns, arrays):
     ins.add("slopes", slopes, pl.BlockSpec(memory_space=pltpu.SMEM))
 
 
-def _kv_maps(st: Static, width):
-    """Index maps of the forward / dQ grid ``(b, h, i, jj, kv_index, kv_count, kv_full)``."""
+_SCHEDULE = ("row", "sub", "col", "flags")
 
-    def q_block(b, h, i, jj, idx, cnt, full):
-        return b, h, i, 0
 
-    def k_block(b, h, i, jj, idx, cnt, full):
-        return b, h // st.group, idx[i * width + jj], 0
+def _row_maps(st: Static):
+    """Index maps of the forward / dQ grid ``(b, h, s, row, sub, col, flags)``."""
 
-    def q_info_block(b, h, i, jj, idx, cnt, full):
-        return b, i, 0
+    def q_block(b, h, s, row, sub, col, flags):
+        return b, h, row[s], 0
 
-    def k_info_block(b, h, i, jj, idx, cnt, full):
-        return b, 0, idx[i * width + jj]
+    def k_block(b, h, s, row, sub, col, flags):
+        return b, h // st.group, col[s], 0
+
+    def q_info_block(b, h, s, row, sub, col, flags):
+        return b, row[s], 0
+
+    def k_info_block(b, h, s, row, sub, col, flags):
+        return b, 0, col[s]
 
     return q_block, k_block, q_info_block, k_info_block
 
 
-def forward_call(st: Static, lists, arrays, cost):
+def _col_maps(st: Static):
+    """Index maps of the dK/dV grid ``(b, hkv, s, row=kv block, sub=head in group, col=q block)``."""
+
+    def q_block(b, h, s, row, sub, col, flags):
+        return b, h * st.group + sub[s], col[s], 0
+
+    def k_block(b, h, s, row, sub, col, flags):
+        return b, h, row[s], 0
+
+    def q_info_block(b, h, s, row, sub, col, flags):
+        return b, col[s], 0
+
+    def k_info_block(b, h, s, row, sub, col, flags):
+        return b, 0, row[s]
+
+    return q_block, k_block, q_info_block, k_info_block
+
+
+def _call(st: Static, body, name, sched, heads, ins, outs, scratch, cost):
+    """``pallas_call`` of ``body`` on grid ``(B, heads, steps)`` with the schedule prefetched."""
+    names = list(_SCHEDULE) + ins.names + outs.names + [n for n, _ in scratch]
+    batch = ins.arrays[0].shape[0]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(_SCHEDULE), grid=(batch, heads, sched.steps),
+        in_specs=ins.specs, out_specs=outs.specs, scratch_shapes=[v for _, v in scratch])
+    return pl.pallas_call(
+        functools.partial(body, st, names), out_shape=outs.arrays, grid_spec=grid_spec,
+        compiler_params=_params(st), interpret=st.interpret, cost_estimate=cost,
+        name=name)(*(getattr(sched, n) for n in _SCHEDULE), *ins.arrays)
+
+
+def _grad_inputs(st: Static, ins: _Specs, rows, residuals):
+    do, lse, base = residuals
+    ins.add("do", do if st.with_values else None, rows(do) if st.with_values else None)
+    ins.add("lse", lse, rows(lse))
+    ins.add("base", base, rows(base))
+
+
+def forward_call(st: Static, sched, arrays, cost):
     """``(out [B, Hq, Tq, Dv] f32 or None, lse [B, Hq, Tq, 1])`` of one pass."""
-    q, k, v = arrays[:3]
+    q, v = arrays[0], arrays[2]
     b, hq, tq, _ = q.shape
-    width = lists[0].shape[1]
-    spec_fns = _row_specs(st, *_kv_maps(st, width))
+    spec_fns = _row_specs(st, *_row_maps(st))
+    rows = spec_fns[0]
     ins = _Specs()
     _common_inputs(st, ins, spec_fns, arrays)
-    rows = spec_fns[0]
-    lse_shape = jax.ShapeDtypeStruct((b, hq, tq, 1), jnp.float32)
     outs = _Specs()
+    scratch = [("m", pltpu.VMEM((st.block_q, 1), jnp.float32)),
+               ("l", pltpu.VMEM((st.block_q, 1), jnp.float32))]
     if st.with_values:
         outs.add("o", jax.ShapeDtypeStruct((b, hq, tq, v.shape[-1]), jnp.float32), rows(v))
+        scratch.append(("acc", pltpu.VMEM((st.block_q, v.shape[-1]), jnp.float32)))
+    lse_shape = jax.ShapeDtypeStruct((b, hq, tq, 1), jnp.float32)
     outs.add("lse", lse_shape, rows(lse_shape))
-    scratch = [pltpu.VMEM((st.block_q, 1), jnp.float32), pltpu.VMEM((st.block_q, 1), jnp.float32)]
-    scratch_names = ["m", "l"]
-    if st.with_values:
-        scratch.append(pltpu.VMEM((st.block_q, v.shape[-1]), jnp.float32))
-        scratch_names.append("acc")
-    names = ["kv_index", "kv_count", "kv_full"] + ins.names + outs.names + scratch_names
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3, grid=(b, hq, tq // st.block_q, width), in_specs=ins.specs,
-        out_specs=outs.specs, scratch_shapes=scratch)
-    result = pl.pallas_call(
-        functools.partial(_fwd_kernel, st, names, width), out_shape=outs.arrays,
-        grid_spec=grid_spec, compiler_params=_params(st), interpret=st.interpret,
-        cost_estimate=cost, name="block_sparse_flash_fwd")(*_flat(lists), *ins.arrays)
+    result = _call(st, _fwd_kernel, "block_sparse_flash_fwd", sched, hq, ins, outs, scratch,
+                   cost)
     return (result[0], result[1]) if st.with_values else (None, result[0])
 
 
-def dq_call(st: Static, lists, arrays, residuals, cost):
+def dq_call(st: Static, sched, arrays, residuals, cost):
     """``(dq [B, Hq, Tq, D] f32, dctx [B, Hq, Tq, C] f32 or None)``."""
     q, ctx = arrays[0], arrays[3]
-    b, hq, tq, d = q.shape
-    width = lists[0].shape[1]
-    spec_fns = _row_specs(st, *_kv_maps(st, width))
+    spec_fns = _row_specs(st, *_row_maps(st))
     rows = spec_fns[0]
     ins = _Specs()
     _common_inputs(st, ins, spec_fns, arrays)
-    do, lse, base = residuals
-    ins.add("do", do if st.with_values else None, rows(do) if st.with_values else None)
-    ins.add("lse", lse, rows(lse))
-    ins.add("base", base, rows(base))
+    _grad_inputs(st, ins, rows, residuals)
     outs = _Specs()
-    outs.add("dq", jax.ShapeDtypeStruct((b, hq, tq, d), jnp.float32), rows(q))
-    scratch, scratch_names = [pltpu.VMEM((st.block_q, d), jnp.float32)], ["dq_acc"]
+    outs.add("dq", jax.ShapeDtypeStruct(q.shape, jnp.float32), rows(q))
+    scratch = [("dq_acc", pltpu.VMEM((st.block_q, q.shape[-1]), jnp.float32))]
     if st.ctx_names:
         outs.add("dctx", jax.ShapeDtypeStruct(ctx.shape, jnp.float32), rows(ctx))
-        scratch.append(pltpu.VMEM((st.block_q, ctx.shape[-1]), jnp.float32))
-        scratch_names.append("dctx_acc")
-    names = ["kv_index", "kv_count", "kv_full"] + ins.names + outs.names + scratch_names
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3, grid=(b, hq, tq // st.block_q, width), in_specs=ins.specs,
-        out_specs=outs.specs, scratch_shapes=scratch)
-    result = pl.pallas_call(
-        functools.partial(_dq_kernel, st, names, width), out_shape=outs.arrays,
-        grid_spec=grid_spec, compiler_params=_params(st), interpret=st.interpret,
-        cost_estimate=cost, name="block_sparse_flash_dq")(*_flat(lists), *ins.arrays)
+        scratch.append(("dctx_acc", pltpu.VMEM((st.block_q, ctx.shape[-1]), jnp.float32)))
+    result = _call(st, _dq_kernel, "block_sparse_flash_dq", sched, q.shape[1], ins, outs,
+                   scratch, cost)
     return result[0], (result[1] if st.ctx_names else None)
 
 
-def dkv_call(st: Static, lists_t, arrays, residuals, cost):
-    """``(dk [B, Hkv, Tk, D] f32, dv [B, Hkv, Tk, Dv] f32 or None)`` over transposed lists."""
+def dkv_call(st: Static, sched_t, arrays, residuals, cost):
+    """``(dk [B, Hkv, Tk, D] f32, dv [B, Hkv, Tk, Dv] f32 or None)`` over the transposed
+    schedule (built with ``group = Hq // Hkv``)."""
     k, v = arrays[1], arrays[2]
-    b, hk, tk, d = k.shape
-    width = lists_t[0].shape[1]
-
-    def q_block(b_, h, j, s, idx, cnt, full):
-        return b_, h * st.group + s // width, idx[j * width + s % width], 0
-
-    def k_block(b_, h, j, s, idx, cnt, full):
-        return b_, h, j, 0
-
-    def q_info_block(b_, h, j, s, idx, cnt, full):
-        return b_, idx[j * width + s % width], 0
-
-    def k_info_block(b_, h, j, s, idx, cnt, full):
-        return b_, 0, j
-
-    spec_fns = _row_specs(st, q_block, k_block, q_info_block, k_info_block)
+    spec_fns = _row_specs(st, *_col_maps(st))
     rows, cols = spec_fns[:2]
     ins = _Specs()
     _common_inputs(st, ins, spec_fns, arrays)
-    do, lse, base = residuals
-    ins.add("do", do if st.with_values else None, rows(do) if st.with_values else None)
-    ins.add("lse", lse, rows(lse))
-    ins.add("base", base, rows(base))
+    _grad_inputs(st, ins, rows, residuals)
     outs = _Specs()
-    outs.add("dk", jax.ShapeDtypeStruct((b, hk, tk, d), jnp.float32), cols(k))
-    scratch, scratch_names = [pltpu.VMEM((st.block_k, d), jnp.float32)], ["dk_acc"]
+    outs.add("dk", jax.ShapeDtypeStruct(k.shape, jnp.float32), cols(k))
+    scratch = [("dk_acc", pltpu.VMEM((st.block_k, k.shape[-1]), jnp.float32))]
     if st.with_values:
         outs.add("dv", jax.ShapeDtypeStruct(v.shape, jnp.float32), cols(v))
-        scratch.append(pltpu.VMEM((st.block_k, v.shape[-1]), jnp.float32))
-        scratch_names.append("dv_acc")
-    names = ["q_index", "q_count", "q_full"] + ins.names + outs.names + scratch_names
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3, grid=(b, hk, tk // st.block_k, st.group * width),
-        in_specs=ins.specs, out_specs=outs.specs, scratch_shapes=scratch)
-    result = pl.pallas_call(
-        functools.partial(_dkv_kernel, st, names, width), out_shape=outs.arrays,
-        grid_spec=grid_spec, compiler_params=_params(st), interpret=st.interpret,
-        cost_estimate=cost, name="block_sparse_flash_dkv")(*_flat(lists_t), *ins.arrays)
+        scratch.append(("dv_acc", pltpu.VMEM((st.block_k, v.shape[-1]), jnp.float32)))
+    result = _call(st, _dkv_kernel, "block_sparse_flash_dkv", sched_t, k.shape[1], ins, outs,
+                   scratch, cost)
     return result[0], (result[1] if st.with_values else None)
-
-
-def _flat(lists):
-    """``(index [R, W], count [R], full [R, W])`` -> int32 1-D arrays for SMEM."""
-    index, count, full = lists
-    return (jnp.asarray(index, jnp.int32).reshape(-1), jnp.asarray(count, jnp.int32),
-            jnp.asarray(full, jnp.int32).reshape(-1))
