@@ -5,6 +5,7 @@ module names used by the configs::
 
     masks.Lambda.window = 128          attention/lcattn.AttentionSpec.mask = @masks.Lambda()
     normalizers.Reweighted.p = 15      positions.RoPE.theta = 10000
+    build_model.memory = @memory.HMTConfig()     memory.HMTConfig.segment_len = 128
 
 Command lines take ``--gin_file`` (repeatable, later files override earlier ones) and
 ``--gin.NAME=VALUE``, rewritten to the binding ``NAME = VALUE``. Unknown names, missing files and
@@ -22,7 +23,7 @@ import gin
 from absl import flags
 from absl import logging as absl_logging
 
-from lcattn import attention, masks, normalizers, positions
+from lcattn import attention, masks, memory, normalizers, positions
 
 _REGISTERED = False
 # Command-line flags shared by experiments.train / evaluate / sweep (absl flags are global).
@@ -33,7 +34,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def register_all() -> None:
-    """Register masks, normalizers, positions and ``AttentionSpec`` with gin (idempotent)."""
+    """Register masks, normalizers, positions, ``AttentionSpec`` and ``HMTConfig`` with gin
+    (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -46,6 +48,7 @@ def register_all() -> None:
                 positions.NTK, positions.YaRN):
         gin.register(cls, module="positions")
     gin.register(attention.AttentionSpec, module="lcattn")
+    gin.register(memory.HMTConfig, module="memory")
     _REGISTERED = True
 
 

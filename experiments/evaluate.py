@@ -13,6 +13,10 @@ newest checkpoint and writes into ``DIR`` (file stem ``evaluate.output_name``, d
 Validation text is the held-out files of the corpus, concatenated in order and cut into
 sequences of each eval length (positions ``0..L-1``, one segment), so every length sees the
 same text from its start.
+
+Eval and passkey lengths are multiples of ``evaluate.length_unit`` (default: the training
+length). An HMT model (``configs/memory/hmt.gin``) runs every sequence through its segment
+recurrence, and its default unit is the segment length, so 16x means 16 segments.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from flax import nnx
 
 from experiments import configurables, data, tasks
 from experiments.train import build_model, merge_model, split_model
-from lcattn import model as model_lib
+from lcattn import memory, model as model_lib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -88,17 +92,23 @@ def nll_by_position(model, tokens, length, batch_size, attention_override):
 
 
 def passkey_accuracy(model, lengths, depths, trials, attention_override, seed=0):
-    """Fraction of greedy answers equal to the key, ``[len(lengths), len(depths)]``."""
+    """Fraction of greedy answers equal to the key, ``[len(lengths), len(depths)]``.
+
+    The prompts of one length (every depth and trial) are decoded as one batch: a
+    ``DecoderLM`` with its KV cache (``lcattn.model.generate``), an ``HMT`` through its
+    segment recurrence (``lcattn.memory.generate``: the incomplete last segment is re-run for
+    every answer token, so each token sees exactly the prompt and the tokens before it).
+    """
+    generate = memory.generate if isinstance(model, memory.HMT) else model_lib.generate
     acc = np.zeros((len(lengths), len(depths)))
     for i, length in enumerate(lengths):
-        for j, depth in enumerate(depths):
-            hits = 0
-            for t in range(trials):
-                ex = tasks.passkey_example(length, depth, seed=seed + 1000 * i + 100 * j + t)
-                out = model_lib.generate(model, jnp.asarray(ex["prompt"][None], jnp.int32),
-                                         len(ex["answer"]), attention_override=attention_override)
-                hits += int(np.array_equal(np.asarray(out[0]), ex["answer"]))
-            acc[i, j] = hits / trials
+        examples = [tasks.passkey_example(length, depth, seed=seed + 1000 * i + 100 * j + t)
+                    for j, depth in enumerate(depths) for t in range(trials)]
+        prompts = jnp.asarray(np.stack([ex["prompt"] for ex in examples]), jnp.int32)
+        out = np.asarray(generate(model, prompts, len(examples[0]["answer"]),
+                                  attention_override=attention_override))
+        hits = [np.array_equal(row, ex["answer"]) for row, ex in zip(out, examples)]
+        acc[i] = np.asarray(hits, float).reshape(len(depths), trials).mean(axis=1)
     return acc
 
 
@@ -143,22 +153,30 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
              length_multipliers=(1, 2, 4, 8, 16), max_tokens: int = 65_536,
              batch_size: int = 8, attention_override=None, passkey_depths=(0.1, 0.5, 0.9),
              passkey_trials: int = 2, passkey_multipliers=(2, 4, 8),
-             output_name: str = "eval") -> dict:
+             length_unit: int | None = None, output_name: str = "eval") -> dict:
     """Evaluate the checkpoint of ``checkpoint_workdir`` (default ``workdir``) into ``workdir``.
 
-    Eval lengths are multiples of the training length (from the checkpoint's ``run.json``);
-    ``max_tokens`` caps the validation text.
+    Eval and passkey lengths are multiples of ``length_unit``; None: the segment length of
+    an HMT model (its long inputs run through the segment recurrence), else the training
+    length (from the checkpoint's ``run.json``). ``max_tokens`` caps the validation text.
     """
     for name, values in (("length_multipliers", length_multipliers),
                          ("passkey_multipliers", passkey_multipliers)):
         if any(not (isinstance(m, int) and m >= 1) for m in values):
             raise ValueError(f"evaluate: `{name}` must be integers >= 1, got {values!r}")
+    if length_unit is not None and (isinstance(length_unit, bool)
+                                    or not isinstance(length_unit, int) or length_unit < 1):
+        raise ValueError(f"evaluate: `length_unit` must be None or an integer >= 1, got "
+                         f"{length_unit!r}")
     t0 = time.perf_counter()
     source = checkpoint_workdir or workdir
     with open(os.path.join(source, "run.json")) as f:
         train_seq_len = json.load(f)["seq_len"]
     model, step = restore_model(source)
-    lengths = [train_seq_len * m for m in length_multipliers]
+    if length_unit is None:
+        length_unit = (model.config.segment_len if isinstance(model, memory.HMT)
+                       else train_seq_len)
+    lengths = [length_unit * m for m in length_multipliers]
     docs = data.validation_documents()
     tokens = np.concatenate(docs)[:max(max_tokens, max(lengths) + 1)]
     nll = np.full((len(lengths), max(lengths)), np.nan)
@@ -168,7 +186,7 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
         nll[i, :length] = curve
         losses.append(float(curve.mean()))
         log.info("L=%d loss %.4f (%.0fs)", length, losses[-1], time.perf_counter() - t0)
-    passkey, pk_lengths = None, [train_seq_len * m for m in passkey_multipliers]
+    passkey, pk_lengths = None, [length_unit * m for m in passkey_multipliers]
     if passkey_trials:
         passkey = passkey_accuracy(model, pk_lengths, list(passkey_depths), passkey_trials,
                                    attention_override)
@@ -180,6 +198,7 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
         _write_zarr(zarr, "passkey_accuracy", passkey)
     result = {"checkpoint": os.path.abspath(checkpoint_workdir or workdir), "step": int(step),
               "attention_override": repr(attention_override), "lengths": lengths,
+              "length_unit": length_unit,
               "loss": {str(length): loss for length, loss in zip(lengths, losses)},
               "passkey": None if passkey is None else {
                   "lengths": pk_lengths, "depths": list(passkey_depths),

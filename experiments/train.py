@@ -22,6 +22,7 @@ if __name__ == "__main__":  # run the importable module, so gin sees one copy of
     run()
     raise SystemExit(0)
 
+import inspect
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from flax import nnx
 
 from experiments import configurables, data
 from lcattn.layers import Mamba2Config
+from lcattn.memory import HMT, HMTConfig
 from lcattn.model import DecoderLM
 from lcattn.ssm import SSMOptions
 
@@ -55,7 +57,7 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
                 mamba2_impl: str = "auto", ssm_decay_scale: float = 1.0,
                 ssm_input_scale: float = 1.0, ssm_input_clip: float | None = None,
                 ssm_state_clip: float | None = None, ssm_window: int | None = None,
-                seed: int = 0) -> DecoderLM:
+                memory: HMTConfig | None = None, seed: int = 0) -> DecoderLM | HMT:
     """A ``DecoderLM``; ``attention_spec`` applies to every attention layer unless
     ``attention_specs`` gives one per layer. Defaults: ``head_dim = d_model // num_heads``,
     ``mlp_dim = 4 * d_model``, ``layer_pattern = ("attn",) * num_layers``.
@@ -67,6 +69,10 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
     heads as attention heads) and ``ssm_*`` are the training-free state-collapse mitigations
     (``lcattn.ssm.SSMOptions``: ``decay_scale``, ``input_scale``, ``input_clip``,
     ``state_clip``, ``window``), so an evaluation can rebind them on a trained checkpoint.
+
+    ``memory``: an ``lcattn.memory.HMTConfig`` wraps the decoder in ``lcattn.memory.HMT``
+    (segment recurrence with hierarchical memory; ``configs/memory/hmt.gin``); None: the
+    plain decoder. The decoder's parameters are drawn first, so they do not depend on it.
     """
     if d_model % num_heads:
         raise ValueError(f"build_model: d_model ({d_model}) must be divisible by num_heads "
@@ -92,13 +98,18 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
                           expand=mamba2_expand, num_groups=mamba2_num_groups,
                           conv_width=mamba2_conv_width, chunk_size=mamba2_chunk_size,
                           options=options, impl=mamba2_impl)
-    return DecoderLM(
+    if memory is not None and not isinstance(memory, HMTConfig):
+        raise ValueError(f"build_model: `memory` must be None or an HMTConfig "
+                         f"(@memory.HMTConfig()), got {memory!r}")
+    rngs = nnx.Rngs(seed)
+    model = DecoderLM(
         vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
         num_kv_heads=num_kv_heads or num_heads, head_dim=head_dim or d_model // num_heads,
         mlp_dim=mlp_dim or 4 * d_model,
         layer_pattern=tuple(layer_pattern or ("attn",) * num_layers),
         attention_specs=attention_specs if attention_specs is not None else attention_spec,
-        tie_embeddings=tie_embeddings, backend=backend, mamba2=mamba2, rngs=nnx.Rngs(seed))
+        tie_embeddings=tie_embeddings, backend=backend, mamba2=mamba2, rngs=rngs)
+    return model if memory is None else HMT(model, memory, rngs=rngs)
 
 
 def split_model(model):
@@ -112,6 +123,20 @@ def merge_model(graphdef, param_state, rest, params):
     state = jax.tree.map(lambda x: x, param_state)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state, rest)
+
+
+def forward(model, batch):
+    """``(logits [B, T, V], loss mask [B, T])`` of a training batch.
+
+    A ``DecoderLM`` reads the batch's positions and segment ids (packed documents); an
+    ``HMT`` reads each row as one stream through its segment recurrence and restricts the
+    mask to the segments its ``loss_segments`` names.
+    """
+    if isinstance(model, HMT):
+        return model(batch["inputs"]), model.loss_mask(batch["loss_mask"])
+    logits = model(batch["inputs"], positions=batch["positions"],
+                   segment_ids=batch["segment_ids"])
+    return logits, batch["loss_mask"]
 
 
 def lm_loss(logits, batch):
@@ -169,6 +194,13 @@ def train(workdir: str, *, num_steps: int = 300, batch_size: int = 16, seq_len: 
         raise ValueError(f"train: `warmup_steps` must be in [0, num_steps={num_steps}), "
                          f"got {warmup_steps}")
     model = build_model()
+    if isinstance(model, HMT):
+        packing = gin.get_bindings(data.make_iterator).get(
+            "packing", inspect.signature(data.make_iterator).parameters["packing"].default)
+        if packing != "chunk":
+            raise ValueError(f"train: an HMT model reads each row as one stream; set "
+                             f"make_iterator.packing = 'chunk' (got {packing!r}; "
+                             "configs/memory/hmt.gin sets it)")
     iterator = data.make_iterator("train", seq_len=seq_len, batch_size=batch_size, seed=seed)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.gin"), "w") as f:
@@ -188,10 +220,8 @@ def train(workdir: str, *, num_steps: int = 300, batch_size: int = 16, seq_len: 
     @jax.jit
     def train_step(params, opt_state, batch):
         def loss_fn(p):
-            m = merge_model(graphdef, param_state, rest, p)
-            logits = m(batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"])
-            return lm_loss(logits, batch)
+            logits, mask = forward(merge_model(graphdef, param_state, rest, p), batch)
+            return lm_loss(logits, dict(batch, loss_mask=mask))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -2,7 +2,8 @@
 
 ``lcattn.attend(q, k, v, spec, ...)`` with ``spec = lcattn.AttentionSpec(mask, normalizer,
 position, distance_limit)``; masks in ``lcattn.masks``, normalizers in ``lcattn.normalizers``,
-position encodings in ``lcattn.positions``.
+position encodings in ``lcattn.positions``. Models: ``lcattn.model.DecoderLM`` and, around it,
+HMT's hierarchical memory in ``lcattn.memory`` (import them explicitly).
 """
 from lcattn import masks, normalizers, positions
 from lcattn.attention import BACKENDS, AttentionSpec, attend

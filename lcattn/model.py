@@ -18,6 +18,12 @@ Adding a mixer is one ``MIXERS`` entry. Kinds: ``"attn"`` (``lcattn.layers.Atten
 ``"mamba2"`` (``lcattn.layers.Mamba2``, sized by ``DecoderLM(mamba2=Mamba2Config(...))``;
 segment ids reset its state, so packed documents never see each other).
 
+Embeddings-level entry points (one code path: ``__call__`` is
+``logits(forward_embeddings(embed(tokens)))``): ``embed(tokens [B,T]) -> [B,T,D]``,
+``forward_embeddings(x [B,T,D], *, positions, segment_ids) -> hidden [B,T,D]`` (before the
+final norm) and ``logits(hidden) -> [B,T,V]``; wrappers that feed their own vectors to the
+blocks (``lcattn.memory.HMT``) use them.
+
 Decoding (``init_cache`` / ``prefill`` / ``decode_step`` / ``generate``): the cache is a
 tuple with one entry per layer; see ``lcattn.layers.attention.KVCache`` for the full and the
 constant-size (Λ-mask sink + ring buffer) layouts, and ``lcattn.layers.mamba2.Mamba2Cache``
@@ -188,12 +194,15 @@ class DecoderLM(nnx.Module):
             rngs, nnx.initializers.lecun_normal(), (d_model, vocab_size), ("embed", "vocab"))
 
     # -- pieces ----------------------------------------------------------------------------
-    def _embed(self, tokens):
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """``tokens int32 [B, T] -> x [B, T, D]``: ``E[tokens] * sqrt(d_model)`` in ``dtype``."""
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
         return x * jnp.asarray(math.sqrt(self.d_model), self.dtype)
 
-    def _logits(self, x):
-        h = self.final_norm(x)
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [B, T, D] -> float32 [B, T, V]``: the head (``E^T`` or its own matrix)
+        applied to ``final_norm(hidden)``."""
+        h = self.final_norm(hidden)
         if self.head is None:
             w, eq = self.embedding[...], "btd,vd->btv"
         else:
@@ -215,10 +224,32 @@ class DecoderLM(nnx.Module):
         return xp.broadcast_to(pos.astype(np.int32), (batch, length))
 
     # -- forward ---------------------------------------------------------------------------
+    def forward_embeddings(self, x: jax.Array, *, positions=None, segment_ids=None,
+                           attention_override: SpecOverride = None,
+                           backend: str | None = None) -> jax.Array:
+        """The blocks on input embeddings: ``x [B, T, D] -> hidden [B, T, D]``.
+
+        ``hidden`` is the residual stream after the last block, before ``final_norm``
+        (``logits(hidden)`` applies it). ``x`` may hold any vectors of width ``d_model``
+        (``embed(tokens)``, or memory embeddings as in ``lcattn.memory.HMT``); it is cast to
+        ``dtype``. Arguments as in ``__call__``.
+        """
+        if jnp.ndim(x) != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"`x` must have shape [batch, seq, d_model={self.d_model}], got "
+                             f"{jnp.shape(x)}")
+        b, t, _ = x.shape
+        positions = self._positions(positions, b, t)
+        x = x.astype(self.dtype)
+        for block in self.blocks:
+            x = block(x, positions=positions, segment_ids=segment_ids,
+                      override=attention_override, backend=backend)
+        return x
+
     def __call__(self, tokens: jax.Array, *, positions=None, segment_ids=None,
                  attention_override: SpecOverride = None,
                  backend: str | None = None) -> jax.Array:
-        """``tokens int32 [B, T] -> logits float32 [B, T, V]``.
+        """``tokens int32 [B, T] -> logits float32 [B, T, V]``
+        (``logits(forward_embeddings(embed(tokens)))``).
 
         Args:
           positions: ``int32 [B, T]`` (or ``[T]``) absolute positions; default ``arange(T)``.
@@ -229,13 +260,11 @@ class DecoderLM(nnx.Module):
           backend: overrides every attention layer's backend.
         """
         _check_tokens(tokens)
-        b, t = tokens.shape
-        positions = self._positions(positions, b, t)
-        x = self._embed(tokens)
-        for block in self.blocks:
-            x = block(x, positions=positions, segment_ids=segment_ids,
-                      override=attention_override, backend=backend)
-        return self._logits(x)
+        hidden = self.forward_embeddings(self.embed(tokens), positions=positions,
+                                         segment_ids=segment_ids,
+                                         attention_override=attention_override,
+                                         backend=backend)
+        return self.logits(hidden)
 
     # -- decoding --------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_len: int, *,
@@ -254,13 +283,13 @@ class DecoderLM(nnx.Module):
         if not isinstance(cache, tuple) or len(cache) != len(self.blocks):
             raise ValueError(f"`cache` must be the tuple from init_cache with one entry per "
                              f"layer ({len(self.blocks)})")
-        x = self._embed(tokens)
+        x = self.embed(tokens)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block.extend(x, layer_cache, positions=positions,
                                           override=override, backend=backend)
             new_cache.append(layer_cache)
-        return self._logits(x), tuple(new_cache)
+        return self.logits(x), tuple(new_cache)
 
     @nnx.jit(static_argnames=("attention_override", "backend"), graph_updates=False)
     def prefill(self, tokens: jax.Array, cache: tuple, *, positions=None,

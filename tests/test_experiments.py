@@ -6,7 +6,9 @@ import os
 import gin
 import pytest
 
-from experiments import configurables, sweep as sweep_lib, train as train_lib
+from experiments import configurables, evaluate as evaluate_lib, sweep as sweep_lib
+from experiments import train as train_lib
+from lcattn.memory import HMT
 
 ROOT = configurables.REPO_ROOT
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "corpus")
@@ -42,7 +44,8 @@ def test_every_gin_file_parses_binds_and_states_its_command(path):
             train_lib.build_model(vocab_size=16, d_model=32, num_heads=2, num_kv_heads=1)
         return
     files = {"configs/base.gin": BASE, "configs/models": ["configs/base.gin", path],
-             "configs/attention": ["configs/base.gin", "configs/models/tiny.gin", path]}
+             "configs/attention": ["configs/base.gin", "configs/models/tiny.gin", path],
+             "configs/memory": BASE + [path]}
     key = path if path == "configs/base.gin" else os.path.dirname(path)
     configurables.parse(files[key], [])
     model = train_lib.build_model()
@@ -54,6 +57,12 @@ def test_every_gin_file_parses_binds_and_states_its_command(path):
     (["no_such_configurable.x = 3"], ValueError, "no_such_configurable"),
     (["train.num_steps = -1"], ValueError, "num_steps"),
     (["make_iterator.packing = 'zip'"], ValueError, "packing"),
+    (["build_model.memory = @memory.HMTConfig()", "memory.HMTConfig.segment_len = 8",
+      "memory.HMTConfig.sensory_len = 0", "memory.HMTConfig.num_memories = 1"], ValueError,
+     "make_iterator.packing = 'chunk'"),
+    (["build_model.memory = @memory.HMTConfig()", "memory.HMTConfig.segment_len = 8",
+      "memory.HMTConfig.sensory_len = 8", "memory.HMTConfig.num_memories = 1"], ValueError,
+     "sensory_len"),
 ])
 def test_bad_configs_fail_clearly_before_touching_checkpoints(tmp_path, bindings, error, match):
     with pytest.raises(error, match=match):
@@ -86,6 +95,33 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     configurables.parse(BASE, steps)
     train_lib.train(str(tmp_path / "resumed"))
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")  # bitwise
+
+
+HMT_SMALL = SMALL + ["memory.HMTConfig.sensory_len = 4", "memory.HMTConfig.num_memories = 4",
+                     "train.seq_len = 48", "train.num_steps = 4", "train.checkpoint_every = 2",
+                     "build_model.backend = 'reference'"]  # short segments compile faster
+
+
+def test_hmt_trains_resumes_and_evaluates_through_the_recurrence(tmp_path):
+    files = BASE + ["configs/memory/hmt.gin"]
+    configurables.parse(files, HMT_SMALL)
+    assert isinstance(train_lib.build_model(), HMT)
+    train_lib.train(str(tmp_path / "straight"))
+    configurables.parse(files, HMT_SMALL + ["train.stop_at_step = 3"])
+    train_lib.train(str(tmp_path / "resumed"))  # preempted at 3; newest checkpoint is 2
+    configurables.parse(files, HMT_SMALL)
+    train_lib.train(str(tmp_path / "resumed"))
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")  # bitwise
+    configurables.parse(files, HMT_SMALL + ["evaluate.length_multipliers = (1, 3)",
+                                            "evaluate.passkey_trials = 1",
+                                            "evaluate.passkey_depths = (0.5,)",
+                                            "evaluate.passkey_multipliers = (16,)"])
+    result = evaluate_lib.evaluate(str(tmp_path / "resumed"))
+    # lengths are multiples of the 16-token segment (not of the 48-token training rows), and
+    # the 256-token passkey prompt spans 16 segments
+    assert result["length_unit"] == 16 and result["lengths"] == [16, 48]
+    assert result["passkey"]["lengths"] == [256]
+    assert all(0 < loss < 10 for loss in result["loss"].values())
 
 
 def test_failed_run_keeps_the_good_checkpoint(tmp_path):
