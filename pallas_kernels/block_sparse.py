@@ -39,6 +39,18 @@ def _bounds(xp, values, block):
     return v.min(axis=(0, 2)), v.max(axis=(0, 2))
 
 
+def pad_axis(x, length: int, axis: int, *, edge: bool = False):
+    """Pad ``x`` (numpy or jnp) at the end of ``axis`` to ``length``: zeros, or the last value
+    repeated (``edge``: positions and segment ids, so tile bounds stay those of real tokens)."""
+    extra = length - x.shape[axis]
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.pad(x, widths, mode="edge" if edge else "constant")
+
+
 def tile_classes(mask: MaskLike, q_pos, k_pos, block_q: int, block_k: int, q_seg=None,
                  kv_seg=None):
     """``[nq, nk]`` EMPTY/PARTIAL/FULL for positions ``[B, Tq]`` / ``[B, Tk]`` (multiples of blocks)."""

@@ -35,3 +35,22 @@ def assert_close(got, want, dtype, scale_by_max=False):
     if scale_by_max:  # gradients: compare relative to the largest entry
         tol = dict(atol=tol["atol"] + tol["rtol"] * float(np.abs(want).max()), rtol=tol["rtol"])
     np.testing.assert_allclose(got, want, **tol)
+
+
+def compare_with_reference(q, k, v, spec, backend, blocks, **kw):
+    """``backend`` against the reference oracle: output and q/k/v gradients, dtype-aware."""
+    ref_out, ref_grads = outputs_and_grads(q, k, v, spec, "reference", **kw)
+    out, grads = outputs_and_grads(q, k, v, spec, backend, block_sizes=blocks, **kw)
+    assert out.dtype == q.dtype and out.shape == ref_out.shape
+    assert_close(out, ref_out, q.dtype)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == q.dtype, name
+        assert_close(g, rg, q.dtype, scale_by_max=True)
+
+
+def packed_documents(b, t, n_docs, seed):
+    """Segment ids of ``n_docs`` random-length documents and per-document positions."""
+    rng = np.random.default_rng(seed)
+    seg = np.sort(rng.integers(0, n_docs, size=(b, t)), axis=1).astype(np.int32)
+    starts = np.array([[np.argmax(row == s) for s in row] for row in seg])
+    return seg, (np.arange(t)[None] - starts).astype(np.int32)

@@ -12,7 +12,7 @@ import lcattn
 from lcattn import masks as M, normalizers as N, positions as P
 from pallas_kernels import block_sparse, tpu
 from pallas_kernels.protocols import EMPTY, FULL
-from tests.helpers import assert_close, outputs_and_grads, qkv
+from tests.helpers import assert_close, compare_with_reference, packed_documents, qkv
 
 MASKS = {"full": (M.Full(), None), "causal": (M.Causal(), None), "local": (M.Local(21), None),
          "chunked": (M.Chunked(24), None), "lambda": (M.Lambda(20, 5), None),
@@ -27,20 +27,7 @@ BLOCKS = (16, 32)
 
 
 def compare(q, k, v, spec, blocks=BLOCKS, **kw):
-    ref_out, ref_grads = outputs_and_grads(q, k, v, spec, "reference", **kw)
-    out, grads = outputs_and_grads(q, k, v, spec, "pallas_tpu", block_sizes=blocks, **kw)
-    assert out.dtype == q.dtype and out.shape == ref_out.shape
-    assert_close(out, ref_out, q.dtype)
-    for name, g, rg in zip("qkv", grads, ref_grads):
-        assert g.dtype == q.dtype, name
-        assert_close(g, rg, q.dtype, scale_by_max=True)
-
-
-def _packed(b, t, n_docs, seed):
-    rng = np.random.default_rng(seed)
-    seg = np.sort(rng.integers(0, n_docs, size=(b, t)), axis=1).astype(np.int32)
-    starts = np.array([[np.argmax(row == s) for s in row] for row in seg])
-    return jnp.asarray(seg), (np.arange(t)[None] - starts).astype(np.int32)
+    compare_with_reference(q, k, v, spec, "pallas_tpu", blocks, **kw)
 
 
 @pytest.mark.parametrize("mask,norm,heads,dtype", CASES,
@@ -52,7 +39,7 @@ def test_matches_reference(mask, norm, heads, dtype):
     spec = lcattn.AttentionSpec(m, NORMS[norm], P.RoPE(), limit)
     kw = {}
     if mask == "causal_segments":
-        seg, pos = _packed(1, 72, 3, seed=5)
+        seg, pos = packed_documents(1, 72, 3, seed=5)
         kw = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, k_positions=pos)
     compare(*qkv(0, 1, 72, 72, heads[0], heads[1], 16, dtype), spec, **kw)
 

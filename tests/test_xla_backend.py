@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 import lcattn
 from lcattn import masks as M, normalizers as N, positions as P
-from tests.helpers import assert_close, outputs_and_grads, qkv
+from tests.helpers import (assert_close, compare_with_reference, outputs_and_grads,
+                           packed_documents, qkv)
 
 MASKS = {
     "full": (M.Full(), None), "causal": (M.Causal(), None), "local": (M.Local(5), None),
@@ -19,13 +20,7 @@ NORMS = {"softmax": N.Softmax(), "lssa": N.Softplus(), "lssar": N.Reweighted()}
 
 
 def compare(q, k, v, spec, blocks=(8, 8), **kw):
-    ref_out, ref_grads = outputs_and_grads(q, k, v, spec, "reference", **kw)
-    out, grads = outputs_and_grads(q, k, v, spec, "xla", block_sizes=blocks, **kw)
-    assert out.dtype == q.dtype and out.shape == ref_out.shape
-    assert_close(out, ref_out, q.dtype)
-    for name, g, rg in zip("qkv", grads, ref_grads):
-        assert g.dtype == q.dtype, name
-        assert_close(g, rg, q.dtype, scale_by_max=True)
+    compare_with_reference(q, k, v, spec, "xla", blocks, **kw)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -47,19 +42,11 @@ def test_positions_and_normalizer_options(position, norm):
     compare(*qkv(1, 1, 26, 26, 6, 3, 8), spec)
 
 
-def _packed(b, t, n_docs, seed):
-    """Segment ids of ``n_docs`` random-length documents and per-document positions."""
-    rng = np.random.default_rng(seed)
-    seg = np.sort(rng.integers(0, n_docs, size=(b, t)), axis=1).astype(np.int32)
-    starts = np.array([[np.argmax(row == s) for s in row] for row in seg])
-    return seg, (np.arange(t)[None] - starts).astype(np.int32)
-
-
 @pytest.mark.parametrize("norm", NORMS, ids=str)
 @pytest.mark.parametrize("mask", ["causal", "full", "lambda_limit"], ids=str)
 def test_segment_ids_and_document_positions(mask, norm):
     m, limit = MASKS[mask]
-    seg, pos = _packed(2, 30, 4, seed=3)
+    seg, pos = packed_documents(2, 30, 4, seed=3)
     spec = lcattn.AttentionSpec(m, NORMS[norm], P.RoPE(), limit)
     compare(*qkv(2, 2, 30, 30, 4, 2, 8), spec, q_positions=pos, k_positions=pos,
             q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg))

@@ -25,6 +25,7 @@ import numpy as np
 
 from lcattn.positions import alibi_bias
 from pallas_kernels import block_sparse
+from pallas_kernels.block_sparse import pad_axis
 
 DEFAULT_BLOCKS = (512, 512)
 
@@ -132,16 +133,6 @@ def _pass_bwd(cfg, res, cts):
 _pass.defvjp(_pass_fwd, _pass_bwd)
 
 
-def _pad(x, length, axis, edge):
-    extra = length - x.shape[axis]
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    xp = np if isinstance(x, np.ndarray) else jnp
-    return xp.pad(x, widths, mode="edge" if edge else "constant")
-
-
 def _q_rows(x, nq, bq, hk, g):
     """``[B, Tq_pad, Hq, ...]`` -> ``[nq, B, Hkv, G*bq, ...]`` (rows ordered group-major)."""
     b, rest = x.shape[0], x.shape[3:]
@@ -164,9 +155,9 @@ def pass_fn(block_sizes=None):
         bq, bk = min(block_q, tq), min(block_k, tk)
         nq, nk = -(-tq // bq), -(-tk // bk)
         tqp, tkp = nq * bq, nk * bk
-        qp, kp = _pad(q_pos, tqp, 1, True), _pad(k_pos, tkp, 1, True)
-        qs = None if q_seg is None else _pad(q_seg, tqp, 1, True)
-        ks = None if kv_seg is None else _pad(kv_seg, tkp, 1, True)
+        qp, kp = pad_axis(q_pos, tqp, 1, edge=True), pad_axis(k_pos, tkp, 1, edge=True)
+        qs = None if q_seg is None else pad_axis(q_seg, tqp, 1, edge=True)
+        ks = None if kv_seg is None else pad_axis(kv_seg, tkp, 1, edge=True)
         lists = block_sparse.block_lists(
             block_sparse.tile_classes(mask, qp, kp, bq, bk, qs, ks))
 
@@ -185,14 +176,14 @@ def pass_fn(block_sizes=None):
             aux["q_seg"], aux["k_seg"] = q_rows_pos(qs), k_blocks(ks)
         if bias is not None:
             qe, ke, slopes = bias
-            aux["q_bias"] = q_rows_pos(_pad(qe, tqp, 1, True))
-            aux["k_bias"] = k_blocks(_pad(ke, tkp, 1, True))
+            aux["q_bias"] = q_rows_pos(pad_axis(qe, tqp, 1, edge=True))
+            aux["k_bias"] = k_blocks(pad_axis(ke, tkp, 1, edge=True))
             aux["slopes"] = jnp.repeat(jnp.asarray(slopes, jnp.float32).reshape(hk, g), bq, axis=1)
-        qb = _q_rows(_pad(q, tqp, 1, False), nq, bq, hk, g)
-        kb, vb = k_blocks(_pad(k, tkp, 1, False)), None
+        qb = _q_rows(pad_axis(q, tqp, 1), nq, bq, hk, g)
+        kb, vb = k_blocks(pad_axis(k, tkp, 1)), None
         if v is not None:
-            vb = k_blocks(_pad(v, tkp, 1, False))
-        ctxb = {n: _q_rows(_pad(c, tqp, 1, False)[..., None], nq, bq, hk, g)
+            vb = k_blocks(pad_axis(v, tkp, 1))
+        ctxb = {n: _q_rows(pad_axis(c, tqp, 1)[..., None], nq, bq, hk, g)
                 for n, c in ctx.items()}
         cfg = _Config(mask, normalizer, pass_idx, v is not None, bias is not None, qs is not None)
         out, lse = _pass(cfg, qb, kb, vb, ctxb, aux)

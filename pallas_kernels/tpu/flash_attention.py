@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import block_sparse
+from pallas_kernels.block_sparse import pad_axis
 from pallas_kernels.protocols import FULL, PARTIAL
 from pallas_kernels.tpu import kernels
 
@@ -71,20 +72,10 @@ def _iota_offset(pos) -> int | None:
         else None
 
 
-def _pad(x, length, axis, *, edge=False):
-    extra = length - x.shape[axis]
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    xp = np if isinstance(x, np.ndarray) else jnp
-    return xp.pad(x, widths, mode="edge" if edge else "constant")
-
-
 def _padded_positions(pos, offset, length):
     if offset is not None:
         return np.broadcast_to(offset + np.arange(length, dtype=np.int32), (pos.shape[0], length))
-    return _pad(pos, length, 1, edge=True)
+    return pad_axis(pos, length, 1, edge=True)
 
 
 def _costs(sched, sched_t, shapes):
@@ -135,8 +126,8 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     qp = _padded_positions(q_positions, q_off, tq_p)
     kp = _padded_positions(k_positions, k_off, tk_p)
     segs = q_segment_ids is not None
-    qs = _pad(q_segment_ids, tq_p, 1, edge=True) if segs else None
-    ks = _pad(kv_segment_ids, tk_p, 1, edge=True) if segs else None
+    qs = pad_axis(q_segment_ids, tq_p, 1, edge=True) if segs else None
+    ks = pad_axis(kv_segment_ids, tk_p, 1, edge=True) if segs else None
     classes = block_sparse.tile_classes(mask, qp, kp, bq, bk, qs, ks)
     if tk_p != tk:  # the last kv column holds padded keys: never skip its mask
         xp = np if isinstance(classes, np.ndarray) else jnp
@@ -151,8 +142,8 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
         if name == "bias":
             if bias is None:
                 continue
-            qa = _pad(jnp.asarray(bias.q_positions, jnp.int32), tq_p, 1, edge=True)
-            ka = _pad(jnp.asarray(bias.k_positions, jnp.int32), tk_p, 1, edge=True)
+            qa = pad_axis(jnp.asarray(bias.q_positions, jnp.int32), tq_p, 1, edge=True)
+            ka = pad_axis(jnp.asarray(bias.k_positions, jnp.int32), tk_p, 1, edge=True)
         elif qa is None:
             continue
         if on is None or on[0] is None:
@@ -164,7 +155,7 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     q_info = jnp.stack(q_rows, axis=-1) if q_rows else None
     k_info = jnp.stack(k_rows, axis=1) if k_rows else None
     ctx_names = tuple(ctx)
-    ctx_arr = (jnp.stack([_pad(jnp.asarray(ctx[n], jnp.float32), tq_p, 2) for n in ctx_names],
+    ctx_arr = (jnp.stack([pad_axis(jnp.asarray(ctx[n], jnp.float32), tq_p, 2) for n in ctx_names],
                          axis=-1) if ctx_names else None)
     slopes = None if bias is None else jnp.asarray(bias.slopes, jnp.float32).reshape(hq)
     dv = v.shape[-1] if with_values else 0
@@ -177,8 +168,9 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     costs = _costs(sched, sched_t, ((b, hq, hk, tq_p, d), dv, (bq, bk),
                                     jnp.dtype(v.dtype).itemsize if with_values else 0))
     meta = tuple((x.row, x.sub, x.col, x.flags) for x in (sched, sched_t))
-    out, lse = _flash(st, costs, meta, _pad(q, tq_p, 2), _pad(k, tk_p, 2),
-                      _pad(v, tk_p, 2) if with_values else None, ctx_arr, q_info, k_info, slopes)
+    v_p = pad_axis(v, tk_p, 2) if with_values else None
+    out, lse = _flash(st, costs, meta, pad_axis(q, tq_p, 2), pad_axis(k, tk_p, 2), v_p, ctx_arr,
+                      q_info, k_info, slopes)
     return (out[:, :, :tq] if with_values else None), lse[:, :, :tq, 0]
 
 
