@@ -78,6 +78,14 @@ def _padded_positions(pos, offset, length):
     return pad_axis(pos, length, 1, edge=True)
 
 
+def _info(fields: dict, axis: int):
+    """``(names, int32 [B, T, F] or [B, F, T] stacked along axis, or None)`` of the given fields."""
+    names = tuple(n for n, a in fields.items() if a is not None)
+    if not names:
+        return names, None
+    return names, jnp.stack([jnp.asarray(fields[n], jnp.int32) for n in names], axis=axis)
+
+
 def _costs(sched, sched_t, shapes):
     """``pl.CostEstimate`` of the forward, dQ and dK/dV kernels from their schedules."""
     (b, hq, hkv, tq, d), dv, (bq, bk), vbytes = shapes
@@ -136,24 +144,13 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     sched = block_sparse.schedule(block_sparse.block_lists(classes))
     sched_t = block_sparse.schedule(block_sparse.block_lists(classes.T), group=hq // hk)
 
-    q_rows, k_rows, q_fields, k_fields = [], [], [], []
-    for name, qa, ka, on in (("pos", qp, kp, (q_off, k_off)), ("seg", qs, ks, None),
-                             ("bias", None, None, None)):
-        if name == "bias":
-            if bias is None:
-                continue
-            qa = pad_axis(jnp.asarray(bias.q_positions, jnp.int32), tq_p, 1, edge=True)
-            ka = pad_axis(jnp.asarray(bias.k_positions, jnp.int32), tk_p, 1, edge=True)
-        elif qa is None:
-            continue
-        if on is None or on[0] is None:
-            q_rows.append(jnp.asarray(qa, jnp.int32))
-            q_fields.append(name)
-        if on is None or on[1] is None:
-            k_rows.append(jnp.asarray(ka, jnp.int32))
-            k_fields.append(name)
-    q_info = jnp.stack(q_rows, axis=-1) if q_rows else None
-    k_info = jnp.stack(k_rows, axis=1) if k_rows else None
+    q_side = {"pos": None if q_off is not None else qp, "seg": qs}  # iota needs no field
+    k_side = {"pos": None if k_off is not None else kp, "seg": ks}
+    if bias is not None:
+        q_side["bias"] = pad_axis(jnp.asarray(bias.q_positions), tq_p, 1, edge=True)
+        k_side["bias"] = pad_axis(jnp.asarray(bias.k_positions), tk_p, 1, edge=True)
+    q_fields, q_info = _info(q_side, axis=-1)
+    k_fields, k_info = _info(k_side, axis=1)
     ctx_names = tuple(ctx)
     ctx_arr = (jnp.stack([pad_axis(jnp.asarray(ctx[n], jnp.float32), tq_p, 2) for n in ctx_names],
                          axis=-1) if ctx_names else None)
@@ -162,7 +159,7 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     st = kernels.Static(
         mask=mask, normalizer=normalizer, pass_idx=pass_idx,
         bias_fn=None if bias is None else bias.fn, ctx_names=ctx_names,
-        q_fields=tuple(q_fields), k_fields=tuple(k_fields), q_offset=q_off or 0,
+        q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0,
         k_offset=k_off or 0, block_q=bq, block_k=bk, kv_len=tk, kv_padded=tk_p != tk,
         group=hq // hk, with_values=with_values, interpret=interpret or False)
     costs = _costs(sched, sched_t, ((b, hq, hk, tq_p, d), dv, (bq, bk),
