@@ -21,9 +21,7 @@ stderr); ``--out`` also writes it to a file and a 2x2 PNG plot (same stem) next 
 from __future__ import annotations
 
 import gc
-import json
 import os
-import pathlib
 import platform
 
 from absl import app, flags
@@ -32,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lcattn
-from experiments.benchmarks.timing import compile_and_time, log
+from experiments.benchmarks.timing import compile_and_time, emit, log
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768"], "Sequence lengths.")
 _MASKS = flags.DEFINE_list("masks", ["causal", "lambda"], "Masks: causal, lambda.")
@@ -219,14 +217,7 @@ def main(argv):
     results = run_all()
     report = {"machine": machine, "config": config, "results": results,
               "ratios": ratios(results)}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if _OUT.value:
-        out = pathlib.Path(_OUT.value)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        plot(report, out.with_suffix(".png"))
-        log(f"wrote {out} and {out.with_suffix('.png')}")
+    emit(report, _OUT.value, plot)
 
 
 if __name__ == "__main__":

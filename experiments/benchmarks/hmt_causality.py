@@ -16,7 +16,6 @@ teacher-forced row ``p = j - 1`` equals ``HMT.process``; the batched prefix summ
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -27,7 +26,7 @@ from absl import app, flags
 from flax import nnx
 
 from experiments import configurables, data
-from experiments.benchmarks.timing import log
+from experiments.benchmarks.timing import emit, log
 from experiments.evaluate import restore_model
 from lcattn.memory import HMT
 
@@ -97,10 +96,7 @@ def main(argv):
               "first_positions_strict_causal": float(np.mean([causal[:, s] for s in later]))}
     log(f"teacher-forced {result['teacher_forced']:.5f} strict causal "
         f"{result['strict_causal']:.5f} nats/byte")
-    print(json.dumps(result, indent=1))
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(result, f, indent=1)
+    emit(result, _OUT.value)
 
 
 if __name__ == "__main__":

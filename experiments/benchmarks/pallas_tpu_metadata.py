@@ -16,13 +16,12 @@ JSON object; ``--out`` writes it and a PNG of visited tiles against T next to it
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 from absl import app, flags
 import numpy as np
 
-from experiments.benchmarks.timing import log
+from experiments.benchmarks.timing import emit, log
 from lcattn import masks
 from pallas_kernels import block_sparse
 
@@ -61,10 +60,11 @@ def measure(t: int, mask_name: str, bq: int, bk: int, d: int) -> dict:
     return rec
 
 
-def plot(records, path: pathlib.Path):
+def plot(result, path: pathlib.Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    records = result["records"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in sorted({r["mask"] for r in records}):
         rs = [r for r in records if r["mask"] == name]
@@ -92,13 +92,7 @@ def main(argv):
                 f"{records[-1]['ratio']['bytes']:.1f}x fewer bytes than dense")
     result = {"what": "per-head predictions from the block lists (no device run)",
               "records": records}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if _OUT.value:
-        out = pathlib.Path(_OUT.value)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        plot(records, out.with_suffix(".png"))
+    emit(result, _OUT.value, plot)
 
 
 if __name__ == "__main__":

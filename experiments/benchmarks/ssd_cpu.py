@@ -18,7 +18,6 @@ stdout (progress goes to stderr); ``--out`` also writes it to a file.
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 
@@ -26,7 +25,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from experiments.benchmarks.timing import compile_and_time, log
+from experiments.benchmarks.timing import compile_and_time, emit, log
 from lcattn import ssm
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384"], "Sequence lengths.")
@@ -109,11 +108,7 @@ def main(argv):
     report = {"config": config, "results": results, "speedups": speedups(results),
               "machine": {"jax": jax.__version__, "python": platform.python_version(),
                           "platform": platform.platform(), "devices": str(jax.devices())}}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write(text + "\n")
+    emit(report, _OUT.value)
 
 
 if __name__ == "__main__":

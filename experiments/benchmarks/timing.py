@@ -1,6 +1,9 @@
-"""Shared measurement for the benchmark scripts: compile once, record memory, time repeats."""
+"""Shared by the benchmark scripts: compile once, record memory, time repeats; progress lines;
+the JSON report on stdout and in ``--out`` (with a PNG next to it)."""
 from __future__ import annotations
 
+import json
+import pathlib
 import statistics
 import sys
 import time
@@ -47,3 +50,18 @@ def compile_and_time(fn, args, repeats: int):
         times.append(time.perf_counter() - t0)
     rec.update(seconds=statistics.median(times), min_seconds=min(times), all_seconds=times)
     return rec, out
+
+
+def emit(report: dict, out: str | None, plot=None) -> None:
+    """Print ``report`` as JSON; with ``out``, also write it there and ``plot(report, png)``
+    to the same stem with a ``.png`` suffix."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if not out:
+        return
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    if plot is not None:
+        plot(report, path.with_suffix(".png"))
+    log(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if plot is not None else ""))
