@@ -19,7 +19,9 @@ Implementations, all returning ``(y [B, T, H, P], SSMState)``:
 * ``ssd_sequential``: ``lax.scan`` of the one-token update (the reference; every option);
 * ``ssd_chunked``: the chunked SSD algorithm (paper §6) in chunks of ``Q`` tokens: the dual form
   inside each chunk, one state per chunk, a scan over the ``T / Q`` chunk states, and the
-  entering state read out inside each chunk; ``O(T·Q·(N + P) + T·N·P)`` work;
+  entering state read out inside each chunk; ``O(T·Q·(N + P) + T·N·P)`` work. The three
+  stages have hand-written gradients (``lcattn.ssd_stages``), and long sequences run as a
+  scan over blocks of chunks, rematerialized in the backward pass;
 * ``ssd_step``: one token (decoding); ``ssd``: the switch between them.
 
 Documents: ``starts [B, T]`` (from ``segment_starts(segment_ids)``) marks the first token of
@@ -48,6 +50,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lcattn import ssd_stages
 
 IMPLS = ("auto", "chunked", "sequential")
 _TINY = 1e-30  # floor under squared norms so sqrt has a finite gradient at 0
@@ -315,26 +319,7 @@ def ssd_step(state: SSMState, x, dt, A, B, C, *, options: SSMOptions = SSMOption
 # -- chunked ---------------------------------------------------------------------------------
 # Layout inside the chunked core: heads-major ``[Z, G, K, nc, Q, ...]`` (Z batch, G groups, K
 # heads per group, nc chunks of Q tokens), so every contraction is a batched matmul over
-# leading axes. Two XLA:CPU habits shape the code: row scalings go through ``_scale`` (an
-# einsum), and ``_per_head``'s transpose sums its K slices one by one (XLA:CPU reduces over a
-# non-minor axis an order of magnitude slower).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _per_head(a, k):
-    """``a [Z, G, ...] -> [Z, G, k, ...]``, the same values for the k heads of each group."""
-    return jnp.broadcast_to(a[:, :, None], a.shape[:2] + (k,) + a.shape[2:])
-
-
-def _per_head_fwd(a, k):
-    return _per_head(a, k), None
-
-
-def _per_head_bwd(k, _, g):
-    return (functools.reduce(jnp.add, [g[:, :, i] for i in range(k)]),)
-
-
-_per_head.defvjp(_per_head_fwd, _per_head_bwd)
-
-
+# leading axes; the three stages (``lcattn.ssd_stages``) carry hand-written gradients.
 def _shift_chunks(a, m, axis=3):
     """``out[..., c, ...] = a[..., c - m, ...]`` along the chunk axis (zeros for c < m)."""
     if m == 0:
@@ -350,11 +335,34 @@ def _ring_readout(rb, rx, rla):
     return jnp.einsum("brgn,brgkp->bgknp", rb, jnp.exp(after)[..., None] * rx)
 
 
-def _chunked_core(xs, la, b, c, doc, h0, window, q):
-    """Grouped chunked SSD over ``L = nc·q`` tokens (front-padded by the caller).
+def _window_terms(xs, cum, b, c, doc, entering, window, q):
+    """Window ``r = M·Q``: token i (chunk c, offset a) sees chunks c-M+1..c-1 whole and chunk
+    c-M after offset a. Whole chunks: the entering state minus its part older than chunk
+    c-M+1 (state difference); chunk c-M: a strictly upper-triangular dual form.
 
-    ``xs [Z, L, G, K, P]``, ``la [Z, L, G, K]``, ``b, c [Z, L, G, N]``, ``doc int32 [Z, L]``
-    (document index, 0 = the incoming state's), ``h0 [Z, G, K, N, P]``. Returns
+    Returns ``(entering with the old part removed, y from chunk c-M [Z, G, K, nc, Q, P])``.
+    """
+    m = window // q
+    doc_end = doc[..., -1]
+    doc_in = _shift_chunks(doc_end, 1)
+    log_span = sum((_shift_chunks(cum[..., -1], i) for i in range(1, m)),
+                   jnp.zeros_like(cum[..., -1]))
+    span = jnp.exp(log_span) * (doc_in == _shift_chunks(doc_end, m))    # ∏ g over c-M+1..c-1
+    entering = entering - jnp.einsum("zgkc,zgkcnp->zgkcnp", span,
+                                     _shift_chunks(entering, m - 1))
+    written = _scale(jnp.exp(cum[..., -1:] - cum) * (doc == doc_end[..., None]), xs)
+    cb_old = jnp.einsum("zgcin,zgcjn->zgcij", c, _shift_chunks(b, m, 2)) * ~jnp.tril(
+        jnp.ones((q, q), bool))
+    y_old = jnp.einsum("zgcij,zgkcjp->zgkcip", cb_old, _shift_chunks(written, m))
+    from_start = jnp.exp(cum) * (doc == doc_in[..., None])
+    return entering, _scale(from_start * span[..., None], y_old)
+
+
+def _chunked_block(xs, la, b, c, starts, h0, window, q):
+    """Grouped chunked SSD over ``L = nc·q`` tokens, all in one piece.
+
+    ``xs [Z, L, G, K, P]``, ``la [Z, L, G, K]``, ``b, c [Z, L, G, N]``, ``starts float32
+    [Z, L]`` (1 where a document starts), ``h0 [Z, G, K, N, P]``. Returns
     ``(y [Z, L, G, K, P], h_L [Z, G, K, N, P])``.
     """
     z, length, g, k, p = xs.shape
@@ -363,71 +371,64 @@ def _chunked_core(xs, la, b, c, doc, h0, window, q):
     la = la.reshape(z, nc, q, g, k).transpose(0, 3, 4, 1, 2)          # [Z, G, K, nc, Q]
     b = b.reshape(z, nc, q, g, n).transpose(0, 3, 1, 2, 4)            # [Z, G, nc, Q, N]
     c = c.reshape(z, nc, q, g, n).transpose(0, 3, 1, 2, 4)
-    doc = doc.reshape(z, 1, 1, nc, q)
-    causal = jnp.tril(jnp.ones((q, q), bool))
-    # cumulative log-decay inside each chunk (a matmul: XLA:CPU fuses a cumsum badly)
-    cum = jnp.matmul(la, causal.T.astype(la.dtype), precision=jax.lax.Precision.HIGHEST)
-    doc_end = doc[..., -1]
-    doc_in = jnp.concatenate([jnp.zeros_like(doc_end[..., :1]), doc_end[..., :-1]], axis=-1)
+    # cumulative sums inside each chunk as matmuls (XLA:CPU fuses a cumsum badly; and a
+    # matmul's output is materialized, so the stages' broadcasts never re-read a scan slice)
+    upper = jnp.triu(jnp.ones((q, q), jnp.float32))
+    cum = jnp.matmul(la, upper, precision=jax.lax.Precision.HIGHEST)  # log-decay
+    counts = jnp.matmul(starts.reshape(z, 1, 1, nc, q), upper)        # starts so far
+    y = ssd_stages.intra_chunk(xs, cum, b, c, counts)
+    entering, h_last = ssd_stages.chunk_states(xs, cum, b, counts, h0)
+    if window:
+        doc = jnp.cumsum(starts, axis=1).reshape(z, 1, 1, nc, q)     # document index
+        entering, y_old = _window_terms(xs, cum, b, c, doc, entering, window, q)
+        y = y + y_old
+    y = y + ssd_stages.readout(c, entering, cum, counts)
+    return y.transpose(0, 3, 4, 1, 2, 5).reshape(z, length, g, k, p), h_last
 
-    # 1. inside each chunk: y_i = Σ_{j<=i, same doc} C_iᵀB_j exp(cum_i - cum_j) κ_j x_j
-    same = (doc[..., :, None] == doc[..., None, :]) & causal
-    decay = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-    cb = _per_head(jnp.einsum("zgcin,zgcjn->zgcij", c, b), k)
-    y = jnp.einsum("zgkcij,zgkcjp->zgkcip", cb * decay, xs)
 
-    # 2. each chunk's own contribution to the state at its end
-    to_end = jnp.exp(cum[..., -1:] - cum) * (doc == doc_end[..., None])
-    written = _scale(to_end, xs)                                      # [Z, G, K, nc, Q, P]
-    local = jnp.einsum("zgcjn,zgkcjp->zgkcnp", b, written)
+def _chunked_core(xs, la, b, c, starts, h0, window, q, block_size):
+    """``_chunked_block``'s contract; without a window, sequences longer than ``block_size``
+    run as a ``lax.scan`` over blocks of whole chunks, each rematerialized in the backward
+    pass, so the temporaries stay block-sized (and in cache) at any length."""
+    nc = xs.shape[1] // q
+    per_block = max(1, block_size // q)
+    if window or nc <= per_block:
+        return _chunked_block(xs, la, b, c, starts, h0, window, q)
+    n_blocks = -(-nc // per_block)
+    block = -(-nc // n_blocks) * q                                    # tokens per block
+    pad = n_blocks * block - xs.shape[1]                              # front padding
 
-    # 3. states entering each chunk: S_c = g_c S_{c-1} + local_c (g_c = 0 across a start)
-    gate = jnp.exp(cum[..., -1]) * (doc_end == doc_in)                # [Z, G, K, nc]
+    def split(a):   # [Z, L, ...] -> [n_blocks, Z, block, ...] (free for Z = 1)
+        a = jnp.pad(a, [(0, 0), (pad, 0)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape((a.shape[0], n_blocks, block) + a.shape[2:]), 1, 0)
 
     def body(h, inputs):
-        gate_c, local_c = inputs
-        return jnp.einsum("zgk,zgknp->zgknp", gate_c, h) + local_c, h
+        y, h = _chunked_block(*inputs, h, None, q)
+        return h, y
 
-    h_last, entering = jax.lax.scan(body, h0, (jnp.moveaxis(gate, 3, 0),
-                                               jnp.moveaxis(local, 3, 0)))
-    entering = jnp.moveaxis(entering, 0, 3)                           # [Z, G, K, nc, N, P]
-
-    from_start = jnp.exp(cum) * (doc == doc_in[..., None])
-    if window:
-        # Window r = M·Q: token i (chunk c, offset a) sees chunks c-M+1..c-1 whole and chunk
-        # c-M after offset a. Whole chunks: the entering state minus its part older than
-        # chunk c-M+1 (state difference); chunk c-M: a strictly upper-triangular dual form.
-        m = window // q
-        log_span = sum((_shift_chunks(cum[..., -1], i) for i in range(1, m)),
-                       jnp.zeros_like(gate))
-        same_span = _shift_chunks(doc_end, 1) == _shift_chunks(doc_end, m)
-        span = jnp.exp(log_span) * same_span                          # ∏ g over c-M+1..c-1
-        entering = entering - jnp.einsum("zgkc,zgkcnp->zgkcnp", span,
-                                         _shift_chunks(entering, m - 1))
-        cb_old = jnp.einsum("zgcin,zgcjn->zgcij", c, _shift_chunks(b, m, 2)) * ~causal
-        y_old = jnp.einsum("zgkcij,zgkcjp->zgkcip", _per_head(cb_old, k),
-                           _shift_chunks(written, m))
-        y = y + _scale(from_start * span[..., None], y_old)
-
-    # 4. the entering state read out inside each chunk
-    y = y + _scale(from_start, jnp.einsum("zgcin,zgkcnp->zgkcip", c, entering))
-    return y.transpose(0, 3, 4, 1, 2, 5).reshape(z, length, g, k, p), h_last
+    h_last, y = jax.lax.scan(jax.checkpoint(body), h0,
+                             tuple(map(split, (xs, la, b, c, starts))))
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape((y.shape[0], n_blocks * block) + y.shape[3:])[:, pad:], h_last
 
 
 def ssd_chunked(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
                 starts: jax.Array | None = None, state: SSMState | None = None,
-                chunk_size: int = 64):
+                chunk_size: int = 64, block_size: int = 512):
     """The chunked SSD algorithm (training and prefill); same results as ``ssd_sequential``.
 
     ``T`` need not be a multiple of ``chunk_size`` (the sequence is front-padded with tokens
-    that change nothing). With ``options.window = r`` (``r % chunk_size == 0``) the incoming
-    state's ring of the last ``r`` insertions is replayed in front of ``x``. Raises ValueError
-    for ``options.state_clip`` (not expressible in chunked form: use ``ssd_sequential``).
+    that change nothing). Without a window, a sequence longer than ``block_size`` tokens runs
+    as a scan over blocks of whole chunks (about ``block_size`` tokens each), recomputed in
+    the backward pass: memory for temporaries is per block, not per sequence. With
+    ``options.window = r`` (``r % chunk_size == 0``) the incoming state's ring of the last
+    ``r`` insertions is replayed in front of ``x`` and the sequence runs as one block. Raises
+    ValueError for ``options.state_clip`` (not expressible in chunked form: use
+    ``ssd_sequential``).
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
-            or chunk_size < 1:
-        raise ValueError(f"ssd_chunked: `chunk_size` must be an integer >= 1, got "
-                         f"{chunk_size!r}")
+    for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"ssd_chunked: `{name}` must be an integer >= 1, got {value!r}")
     if options.state_clip is not None:
         raise ValueError("ssd_chunked: `options.state_clip` rescales the state after every "
                          "token and has no chunked form; use ssd_sequential (impl='sequential')")
@@ -450,14 +451,15 @@ def ssd_chunked(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
     pad = -(r + t) % chunk_size
     xs, la, b, c, starts = (jnp.pad(a, [(0, 0), (pad, 0)] + [(0, 0)] * (a.ndim - 2))
                             for a in (xs, la, b, c, starts))
-    doc = jnp.cumsum(starts.astype(jnp.int32), axis=1)
     h0 = jnp.zeros_like(_grouped(state.h, g, 1)) if r else _grouped(state.h, g, 1)
-    y, h_last = _chunked_core(_grouped(xs, g, 2), _grouped(la, g, 2), b, c, doc, h0,
-                              options.window, chunk_size)
+    y, h_last = _chunked_core(_grouped(xs, g, 2), _grouped(la, g, 2), b, c,
+                              starts.astype(jnp.float32), h0, options.window, chunk_size,
+                              block_size)
     y = _ungrouped(y[:, pad + r:], 2).astype(x.dtype)
     if not r:
         return y, dataclasses.replace(state, h=_ungrouped(h_last, 1))
-    live = (doc[:, -r:] == doc[:, -1:]).astype(jnp.float32)          # after the last start
+    doc = jnp.cumsum(starts[:, -r:].astype(jnp.int32), axis=1)
+    live = (doc == doc[:, -1:]).astype(jnp.float32)                  # after the last start
     rb, rx, rla = b[:, -r:] * live[..., None, None], xs[:, -r:] * live[..., None, None], \
         la[:, -r:] * live[..., None]
     h_win = _ring_readout(rb, _grouped(rx, g, 2), _grouped(rla, g, 2))

@@ -1,4 +1,5 @@
 """lcattn.ssm: SSD against independent float64 numpy formulas; chunked vs sequential; options."""
+import dataclasses
 import functools
 
 import jax
@@ -60,7 +61,9 @@ def starts():
 
 IMPLS = {"sequential": ssm.ssd_sequential,
          "chunked8": functools.partial(ssm.ssd_chunked, chunk_size=8),
-         "chunked5": functools.partial(ssm.ssd_chunked, chunk_size=5)}
+         "chunked5": functools.partial(ssm.ssd_chunked, chunk_size=5),
+         # a scan over 4 blocks of 3 chunks (the first block front-padded) unless windowed
+         "blocked": functools.partial(ssm.ssd_chunked, chunk_size=4, block_size=12)}
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "options"))
@@ -87,7 +90,7 @@ def test_matches_dense_oracle_with_packed_documents(impl, case):
     np.testing.assert_allclose(y, dense_oracle(x, dt, A, B, C, SEG, **kw), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("impl", ["sequential", "chunked8"])
+@pytest.mark.parametrize("impl", ["sequential", "chunked8", "blocked"])
 def test_initial_state_is_read_out_until_the_first_document_change(impl):
     x, dt, A, B, C = inputs(seed=1)
     h0 = np.random.default_rng(2).normal(size=(Z, H, N, P)).astype(np.float32)
@@ -146,19 +149,31 @@ def test_state_clip_matches_a_loop_and_bounds_the_state():
     np.testing.assert_allclose(y_auto, y)
 
 
-def test_gradients_chunked_match_sequential():
-    x, dt, A, B, C = inputs(t=21, seed=5)
-    s = starts()[:, :21]
-    opts = ssm.SSMOptions(window=8, input_clip=0.5)
+@pytest.mark.parametrize("impl, kw, t", [
+    ("chunked8", {"window": 8, "input_clip": 0.5}, 21),
+    ("chunked8", {"decay_scale": 1.3}, 37),
+    ("blocked", {}, 37),
+])
+def test_gradients_chunked_match_sequential(impl, kw, t):
+    """Gradients w.r.t. x, dt, A, B, C and the incoming state, through documents; the
+    chunked form's come from the stages' hand-written backward passes."""
+    x, dt, A, B, C = inputs(t=t, seed=5)
+    s = starts()[:, :t]
+    opts = ssm.SSMOptions(**kw)
+    h0 = np.random.default_rng(8).normal(size=(Z, H, N, P)).astype(np.float32)
 
     def loss(impl):
         def f(*args):
-            y, st = impl(*args, options=opts, starts=s)
+            state = ssm.init_state(Z, num_heads=H, head_dim=P, state_dim=N, num_groups=G,
+                                   options=opts)
+            if not opts.window:   # a windowed state is its ring; h is derived from it
+                state = dataclasses.replace(state, h=args[-1])
+            y, st = impl(*args[:-1], options=opts, starts=s, state=state)
             return jnp.sum(jnp.sin(y)) + jnp.sum(st.h ** 2)
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))
+        return jax.jit(jax.grad(f, argnums=tuple(range(6))))
 
-    want = loss(IMPLS["sequential"])(x, dt, A, B, C)
-    got = loss(IMPLS["chunked8"])(x, dt, A, B, C)
+    want = loss(IMPLS["sequential"])(x, dt, A, B, C, h0)
+    got = loss(IMPLS[impl])(x, dt, A, B, C, h0)
     for g, w in zip(got, want):
         assert np.isfinite(np.asarray(g)).all()
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
@@ -226,6 +241,8 @@ def test_bad_calls_raise():
         ssm.ssd_chunked(x, dt, A, B, C, options=ssm.SSMOptions(window=12), chunk_size=8)
     with pytest.raises(ValueError, match="chunk_size"):
         ssm.ssd_chunked(x, dt, A, B, C, chunk_size=0)
+    with pytest.raises(ValueError, match="`block_size` must be an integer >= 1, got 0"):
+        ssm.ssd_chunked(x, dt, A, B, C, block_size=0)
     with pytest.raises(ValueError, match=r"heads \(4\).*groups \(3\)"):
         ssm.ssd_sequential(x, dt, A, B[..., :1, :].repeat(3, 2), C[..., :1, :].repeat(3, 2))
     with pytest.raises(ValueError, match="`dt` must be"):
