@@ -386,30 +386,35 @@ def _chunked_block(xs, la, b, c, starts, h0, window, q):
     return y.transpose(0, 3, 4, 1, 2, 5).reshape(z, length, g, k, p), h_last
 
 
-def _chunked_core(xs, la, b, c, starts, h0, window, q, block_size):
-    """``_chunked_block``'s contract; without a window, sequences longer than ``block_size``
-    run as a ``lax.scan`` over blocks of whole chunks, each rematerialized in the backward
-    pass, so the temporaries stay block-sized (and in cache) at any length."""
-    nc = xs.shape[1] // q
-    per_block = max(1, block_size // q)
-    if window or nc <= per_block:
-        return _chunked_block(xs, la, b, c, starts, h0, window, q)
-    n_blocks = -(-nc // per_block)
-    block = -(-nc // n_blocks) * q                                    # tokens per block
-    pad = n_blocks * block - xs.shape[1]                              # front padding
+def _chunked_blocks(x, dt, A, b, c, starts, h0, options, q, block_size):
+    """Without a window, in blocks: a ``lax.scan`` over blocks of whole chunks, each prepared
+    from the raw inputs and rematerialized in the backward pass, so the temporaries are
+    block-sized (and stay in cache) at any length.
 
-    def split(a):   # [Z, L, ...] -> [n_blocks, Z, block, ...] (free for Z = 1)
+    ``x [Z, T, H, P]``, ``dt [Z, T, H]``, ``b, c [Z, T, G, N]`` float32, ``starts float32
+    [Z, T]``, ``h0 [Z, G, K, N, P]``. Returns ``(y [Z, T, G, K, P], h_T)``.
+    """
+    z, t = x.shape[:2]
+    g = b.shape[2]
+    chunks = -(-t // q)
+    n_blocks = -(-chunks // max(1, block_size // q))
+    block = -(-chunks // n_blocks) * q                                # tokens per block
+    pad = n_blocks * block - t                                        # front padding
+
+    def split(a):   # [Z, T, ...] -> [n_blocks, Z, block, ...] (free for Z = 1)
         a = jnp.pad(a, [(0, 0), (pad, 0)] + [(0, 0)] * (a.ndim - 2))
-        return jnp.moveaxis(a.reshape((a.shape[0], n_blocks, block) + a.shape[2:]), 1, 0)
+        return jnp.moveaxis(a.reshape((z, n_blocks, block) + a.shape[2:]), 1, 0)
 
     def body(h, inputs):
-        y, h = _chunked_block(*inputs, h, None, q)
+        x, dt, b, c, starts = inputs
+        xs, la = _prepare(x, dt, A, b, options)
+        y, h = _chunked_block(_grouped(xs, g, 2), _grouped(la, g, 2), b, c, starts, h, None, q)
         return h, y
 
     h_last, y = jax.lax.scan(jax.checkpoint(body), h0,
-                             tuple(map(split, (xs, la, b, c, starts))))
+                             tuple(map(split, (x, dt, b, c, starts))))
     y = jnp.moveaxis(y, 0, 1)
-    return y.reshape((y.shape[0], n_blocks * block) + y.shape[3:])[:, pad:], h_last
+    return y.reshape((z, n_blocks * block) + y.shape[3:])[:, pad:], h_last
 
 
 def ssd_chunked(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
@@ -439,9 +444,14 @@ def ssd_chunked(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
     state = _initial(state, x, B, options)
     bsz, t, h, p = x.shape
     g, r = B.shape[2], options.ring_size
-    xs, la = _prepare(x, dt, A, B, options)
     b, c = B.astype(jnp.float32), C.astype(jnp.float32)
     starts = jnp.zeros((bsz, t), bool) if starts is None else starts.astype(bool)
+    if not r and -(-t // chunk_size) > max(1, block_size // chunk_size):
+        y, h_last = _chunked_blocks(x, dt, A, b, c, starts.astype(jnp.float32),
+                                    _grouped(state.h, g, 1), options, chunk_size, block_size)
+        return (_ungrouped(y, 2).astype(x.dtype),
+                dataclasses.replace(state, h=_ungrouped(h_last, 1)))
+    xs, la = _prepare(x, dt, A, b, options)
     if r:  # replay the ring (the windowed state is a function of the last r insertions)
         xs = jnp.concatenate([state.ring_x, xs], axis=1)
         la = jnp.concatenate([state.ring_la, la], axis=1)
@@ -452,9 +462,8 @@ def ssd_chunked(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
     xs, la, b, c, starts = (jnp.pad(a, [(0, 0), (pad, 0)] + [(0, 0)] * (a.ndim - 2))
                             for a in (xs, la, b, c, starts))
     h0 = jnp.zeros_like(_grouped(state.h, g, 1)) if r else _grouped(state.h, g, 1)
-    y, h_last = _chunked_core(_grouped(xs, g, 2), _grouped(la, g, 2), b, c,
-                              starts.astype(jnp.float32), h0, options.window, chunk_size,
-                              block_size)
+    y, h_last = _chunked_block(_grouped(xs, g, 2), _grouped(la, g, 2), b, c,
+                               starts.astype(jnp.float32), h0, options.window, chunk_size)
     y = _ungrouped(y[:, pad + r:], 2).astype(x.dtype)
     if not r:
         return y, dataclasses.replace(state, h=_ungrouped(h_last, 1))

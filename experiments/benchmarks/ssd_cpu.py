@@ -7,10 +7,12 @@ Run (from the repository root)::
 
 For every sequence length T, mode (``forward``; ``forward_backward`` = jitted
 ``value_and_grad`` of ``sum(y**2)`` w.r.t. ``x, dt, A, B, C``) and implementation
-(``chunked``: ``lcattn.ssm.ssd_chunked(..., chunk_size=--chunk_size)``; ``sequential``:
-``lcattn.ssm.ssd_sequential``, one token per scan step) it compiles once, records the compiled
-executable's ``memory_analysis()`` (``peak_bytes`` = temp + argument + output bytes), then
-reports the median wall time of ``--repeats`` calls after one warmup. Shapes: batch ``--batch``,
+(``chunked``: ``lcattn.ssm.ssd_chunked(..., chunk_size=--chunk_size,
+block_size=--block_size)``; ``sequential``: ``lcattn.ssm.ssd_sequential``, one token per scan
+step) it compiles once, records the compiled executable's ``memory_analysis()``
+(``peak_bytes`` = temp + argument + output bytes), then reports the median wall time of
+``--repeats`` calls after ``--warmup`` untimed ones (the first calls of a program that needs
+tens of MB of temporaries also pay the allocator's page faults until glibc's heap settles). Shapes: batch ``--batch``,
 ``--heads`` heads of width ``--head_dim``, ``--groups`` groups of ``B``/``C`` of width
 ``--state_dim``, float32, no documents, no mitigations; ``Δ = softplus(N(0,1) - 3)`` and
 ``A = -exp(U[0, log 16])`` (decays in the range Mamba-2 initializes). Prints one JSON object on
@@ -37,6 +39,8 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head width P.")
 _STATE_DIM = flags.DEFINE_integer("state_dim", 64, "State width N.")
 _GROUPS = flags.DEFINE_integer("groups", 1, "Groups G of B and C.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size Q of the chunked algorithm.")
+_BLOCK = flags.DEFINE_integer("block_size", 512, "Tokens per block of the chunked scan.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls before the timed ones.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
 
@@ -55,7 +59,8 @@ def make_inputs(seq_len):
 
 def ssd_fn(impl):
     if impl == "chunked":
-        return lambda *a: ssm.ssd_chunked(*a, chunk_size=_CHUNK.value)[0]
+        return lambda *a: ssm.ssd_chunked(*a, chunk_size=_CHUNK.value,
+                                          block_size=_BLOCK.value)[0]
     if impl == "sequential":
         return lambda *a: ssm.ssd_sequential(*a)[0]
     raise app.UsageError(f"unknown impl {impl!r}")
@@ -68,7 +73,7 @@ def measure(impl, mode, args):
                                 argnums=tuple(range(5)))
     elif mode != "forward":
         raise app.UsageError(f"unknown mode {mode!r}")
-    rec, out = compile_and_time(fn, args, _REPEATS.value)
+    rec, out = compile_and_time(fn, args, _REPEATS.value, _WARMUP.value)
     return rec, (out if mode == "forward" else None)
 
 
@@ -98,17 +103,48 @@ def speedups(results):
             if impl == "chunked" and (t, mode, "sequential") in by_key]
 
 
+def plot(report, path):
+    """Median time and peak memory against T, chunked vs sequential, per mode (log-log)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, style in (("forward", "--"), ("forward_backward", "-")):
+        for impl, color in (("chunked", "tab:blue"), ("sequential", "tab:red")):
+            rows = sorted((r for r in report["results"] if r["mode"] == mode
+                           and r["impl"] == impl), key=lambda r: r["T"])
+            if not rows:
+                continue
+            ts = [r["T"] for r in rows]
+            kw = dict(color=color, linestyle=style, marker="o", label=f"{impl} {mode}")
+            axes[0].plot(ts, [r["seconds"] for r in rows], **kw)
+            axes[1].plot(ts, [r["peak_bytes"] / GIB for r in rows], **kw)
+    for ax, title, unit in ((axes[0], "median time", "seconds"),
+                            (axes[1], "peak memory (memory_analysis)", "GiB")):
+        ax.set(title=title, ylabel=unit, xlabel="sequence length T", xscale="log",
+               yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    cfg = report["config"]
+    fig.suptitle(f"Mamba-2 SSD on CPU: H={cfg['heads']}, P={cfg['head_dim']}, "
+                 f"N={cfg['state_dim']}, chunk {cfg['chunk_size']}, block {cfg['block_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv):
     del argv
     config = {"batch": _BATCH.value, "heads": _HEADS.value, "head_dim": _HEAD_DIM.value,
               "state_dim": _STATE_DIM.value, "groups": _GROUPS.value,
-              "chunk_size": _CHUNK.value, "repeats": _REPEATS.value, "dtype": "float32"}
+              "chunk_size": _CHUNK.value, "block_size": _BLOCK.value,
+              "repeats": _REPEATS.value, "warmup": _WARMUP.value, "dtype": "float32"}
     log(f"config {config}")
     results = run_all()
     report = {"config": config, "results": results, "speedups": speedups(results),
               "machine": {"jax": jax.__version__, "python": platform.python_version(),
                           "platform": platform.platform(), "devices": str(jax.devices())}}
-    emit(report, _OUT.value)
+    emit(report, _OUT.value, plot)
 
 
 if __name__ == "__main__":

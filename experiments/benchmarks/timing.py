@@ -33,8 +33,8 @@ def memory_fields(compiled) -> dict:
     return fields
 
 
-def compile_and_time(fn, args, repeats: int):
-    """Jit-compile ``fn(*args)``, run one warmup, then time ``repeats`` calls.
+def compile_and_time(fn, args, repeats: int, warmup: int = 1):
+    """Jit-compile ``fn(*args)``, run ``warmup`` untimed calls, then time ``repeats`` calls.
 
     Returns ``(record, last output)``; the record has ``compile_seconds``, the memory fields,
     ``seconds`` (median), ``min_seconds`` and ``all_seconds``.
@@ -42,7 +42,8 @@ def compile_and_time(fn, args, repeats: int):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     rec = {"compile_seconds": time.perf_counter() - t0, **memory_fields(compiled)}
-    out = jax.block_until_ready(compiled(*args))  # warmup
+    for _ in range(max(1, warmup)):
+        out = jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
