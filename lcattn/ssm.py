@@ -22,6 +22,8 @@ Implementations, all returning ``(y [B, T, H, P], SSMState)``:
   entering state read out inside each chunk; ``O(T·Q·(N + P) + T·N·P)`` work. The three
   stages have hand-written gradients (``lcattn.ssd_stages``), and long sequences run as a
   scan over blocks of chunks, rematerialized in the backward pass;
+* ``ssd_pallas``: the chunked forward as one Pallas kernel (``pallas_kernels.ssd_scan``;
+  gradients recompute ``ssd_chunked``; no ``window`` / ``state_clip``);
 * ``ssd_step``: one token (decoding); ``ssd``: the switch between them.
 
 Documents: ``starts [B, T]`` (from ``segment_starts(segment_ids)``) marks the first token of
@@ -52,8 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcattn import ssd_stages
+from pallas_kernels import ssd_scan
 
-IMPLS = ("auto", "chunked", "sequential")
+IMPLS = ("auto", "chunked", "sequential", "pallas")
 _TINY = 1e-30  # floor under squared norms so sqrt has a finite gradient at 0
 
 
@@ -475,10 +478,64 @@ def ssd_chunked(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
     return y, SSMState(_ungrouped(h_win, 1), rb, rx, rla)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _pallas(x, dt, A, B, C, starts, h0, options, chunk_size, interpret):
+    xs, la = _prepare(x, dt, A, B, options)
+    return ssd_scan.ssd_chunk_scan(xs, la, B, C, starts=starts, initial_state=h0,
+                                   chunk_size=chunk_size, interpret=interpret)
+
+
+def _pallas_fwd(x, dt, A, B, C, starts, h0, options, chunk_size, interpret):
+    out = _pallas(x, dt, A, B, C, starts, h0, options, chunk_size, interpret)
+    return out, (x, dt, A, B, C, starts, h0)
+
+
+def _pallas_bwd(options, chunk_size, interpret, res, cotangents):
+    """The kernel is forward only: gradients come from the chunked XLA form (recomputed)."""
+    del interpret
+    *args, starts, h0 = res
+
+    def chunked(x, dt, A, B, C, h0):
+        state = init_state(x.shape[0], num_heads=x.shape[2], head_dim=x.shape[3],
+                           state_dim=B.shape[3], num_groups=B.shape[2])
+        y, state = ssd_chunked(x, dt, A, B, C, options=options, starts=starts,
+                               state=dataclasses.replace(state, h=h0), chunk_size=chunk_size)
+        return y.astype(jnp.float32), state.h
+
+    _, vjp = jax.vjp(chunked, *args, h0)
+    grads = vjp(cotangents)
+    return grads[:5] + (None, grads[5])
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def ssd_pallas(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
+               starts: jax.Array | None = None, state: SSMState | None = None,
+               chunk_size: int = 64, interpret: bool | None = None):
+    """The chunked algorithm as one Pallas kernel (``pallas_kernels.ssd_scan``): each
+    program walks the chunks of one head with the state in registers. Forward only (gradients
+    recompute ``ssd_chunked``); ``interpret=None`` runs interpret mode off-GPU. Same results as
+    ``ssd_sequential`` for every option except ``window`` and ``state_clip`` (ValueError)."""
+    for name in ("window", "state_clip"):
+        if getattr(options, name) is not None:
+            raise ValueError(f"ssd_pallas: `options.{name}` is not supported by the Pallas "
+                             "kernel; use impl='chunked' or 'sequential'")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+            or chunk_size < 1:
+        raise ValueError(f"ssd_pallas: `chunk_size` must be an integer >= 1, got "
+                         f"{chunk_size!r}")
+    _check_inputs(x, dt, A, B, C, starts)
+    state = _initial(state, x, B, options)
+    starts = jnp.zeros(x.shape[:2], bool) if starts is None else starts.astype(bool)
+    y, h = _pallas(x, dt, A, B, C, starts, state.h, options, int(chunk_size), interpret)
+    return y.astype(x.dtype), dataclasses.replace(state, h=h)
+
+
 def ssd(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(), starts=None, state=None,
         impl: str = "auto", chunk_size: int = 64):
-    """``ssd_chunked`` or ``ssd_sequential``; ``impl="auto"``: sequential for one token or
-    ``options.state_clip``, chunked otherwise. Returns ``(y, SSMState)``."""
+    """``ssd_chunked``, ``ssd_sequential`` or ``ssd_pallas``; ``impl="auto"``: sequential
+    for one token or ``options.state_clip``, chunked otherwise. Returns ``(y, SSMState)``."""
     if impl not in IMPLS:
         raise ValueError(f"ssd: `impl` must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -486,5 +543,8 @@ def ssd(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(), starts=None, stat
         impl = "sequential" if sequential else "chunked"
     if impl == "sequential":
         return ssd_sequential(x, dt, A, B, C, options=options, starts=starts, state=state)
+    if impl == "pallas":
+        return ssd_pallas(x, dt, A, B, C, options=options, starts=starts, state=state,
+                          chunk_size=chunk_size)
     return ssd_chunked(x, dt, A, B, C, options=options, starts=starts, state=state,
                        chunk_size=chunk_size)

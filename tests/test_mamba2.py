@@ -111,11 +111,11 @@ def test_mitigations_change_long_range_outputs_only():
     assert not np.allclose(np.asarray(forward(make(config=scaled, seed=5), x)), base, atol=1e-3)
 
 
-def test_chunked_and_sequential_layers_agree_in_value_and_gradient():
+def test_chunked_sequential_and_pallas_layers_agree_in_value_and_gradient():
     x = jax.random.normal(jax.random.key(6), (2, 10, D))
     seg = jnp.asarray([[1] * 4 + [2] * 6, [1] * 10], jnp.int32)
     layers = {impl: Mamba2(D, Mamba2Config(head_dim=8, state_dim=4, chunk_size=4, impl=impl),
-                           rngs=nnx.Rngs(6)) for impl in ("chunked", "sequential")}
+                           rngs=nnx.Rngs(6)) for impl in ("chunked", "sequential", "pallas")}
 
     def loss_and_grad(layer):
         graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -125,11 +125,13 @@ def test_chunked_and_sequential_layers_agree_in_value_and_gradient():
             return jnp.sum(nnx.merge(graphdef, p, rest)(x, segment_ids=seg) ** 2)
         return jax.value_and_grad(f)(params)
 
-    (lc, gc), (ls, gs) = (loss_and_grad(layers[k]) for k in ("chunked", "sequential"))
-    np.testing.assert_allclose(lc, ls, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gs)):
-        assert np.isfinite(np.asarray(a)).all()
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+    ls, gs = loss_and_grad(layers["sequential"])
+    for impl in ("chunked", "pallas"):
+        loss, grads = loss_and_grad(layers[impl])
+        np.testing.assert_allclose(loss, ls, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(gs)):
+            assert np.isfinite(np.asarray(a)).all()
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
 
 
 def test_bfloat16_model():
@@ -142,7 +144,8 @@ def test_bfloat16_model():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"head_dim": 0}, "head_dim.*integer >= 1"),
-    ({"impl": "pallas"}, "impl.*'auto', 'chunked', 'sequential'"),
+    ({"impl": "triton"}, "impl.*'auto', 'chunked', 'sequential', 'pallas'"),
+    ({"options": ssm.SSMOptions(window=8), "impl": "pallas"}, "not supported by impl='pallas'"),
     ({"options": {"window": 8}}, "options.*SSMOptions"),
     ({"options": ssm.SSMOptions(window=6), "chunk_size": 4}, r"window.*\(6\).*chunk_size.*\(4\)"),
     ({"options": ssm.SSMOptions(state_clip=1.0), "impl": "chunked"}, "state_clip.*sequential"),

@@ -63,7 +63,9 @@ IMPLS = {"sequential": ssm.ssd_sequential,
          "chunked8": functools.partial(ssm.ssd_chunked, chunk_size=8),
          "chunked5": functools.partial(ssm.ssd_chunked, chunk_size=5),
          # a scan over 4 blocks of 3 chunks (the first block front-padded) unless windowed
-         "blocked": functools.partial(ssm.ssd_chunked, chunk_size=4, block_size=12)}
+         "blocked": functools.partial(ssm.ssd_chunked, chunk_size=4, block_size=12),
+         # pallas_kernels.ssd_scan in interpret mode (no window / state_clip)
+         "pallas": functools.partial(ssm.ssd_pallas, chunk_size=8)}
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "options"))
@@ -82,7 +84,7 @@ OPTION_CASES = {
 
 @pytest.mark.parametrize("impl, case", [
     (impl, case) for impl in IMPLS for case in OPTION_CASES
-    if not (impl == "chunked5" and "window" in OPTION_CASES[case])])  # window % chunk != 0
+    if not (impl in ("chunked5", "pallas") and "window" in OPTION_CASES[case])])
 def test_matches_dense_oracle_with_packed_documents(impl, case):
     kw = OPTION_CASES[case]
     x, dt, A, B, C = inputs()
@@ -90,7 +92,7 @@ def test_matches_dense_oracle_with_packed_documents(impl, case):
     np.testing.assert_allclose(y, dense_oracle(x, dt, A, B, C, SEG, **kw), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("impl", ["sequential", "chunked8", "blocked"])
+@pytest.mark.parametrize("impl", ["sequential", "chunked8", "blocked", "pallas"])
 def test_initial_state_is_read_out_until_the_first_document_change(impl):
     x, dt, A, B, C = inputs(seed=1)
     h0 = np.random.default_rng(2).normal(size=(Z, H, N, P)).astype(np.float32)
@@ -153,6 +155,7 @@ def test_state_clip_matches_a_loop_and_bounds_the_state():
     ("chunked8", {"window": 8, "input_clip": 0.5}, 21),
     ("chunked8", {"decay_scale": 1.3}, 37),
     ("blocked", {}, 37),
+    ("pallas", {"input_clip": 0.5}, 21),
 ])
 def test_gradients_chunked_match_sequential(impl, kw, t):
     """Gradients w.r.t. x, dt, A, B, C and the incoming state, through documents; the
@@ -235,14 +238,16 @@ def test_bad_options_raise(kw, match):
 
 def test_bad_calls_raise():
     x, dt, A, B, C = inputs(t=8)
-    with pytest.raises(ValueError, match="impl.*'auto', 'chunked', 'sequential'"):
-        ssm.ssd(x, dt, A, B, C, impl="pallas")
+    with pytest.raises(ValueError, match="impl.*'auto', 'chunked', 'sequential', 'pallas'"):
+        ssm.ssd(x, dt, A, B, C, impl="triton")
     with pytest.raises(ValueError, match=r"window.*\(12\).*multiple of `chunk_size` \(8\)"):
         ssm.ssd_chunked(x, dt, A, B, C, options=ssm.SSMOptions(window=12), chunk_size=8)
     with pytest.raises(ValueError, match="chunk_size"):
         ssm.ssd_chunked(x, dt, A, B, C, chunk_size=0)
     with pytest.raises(ValueError, match="`block_size` must be an integer >= 1, got 0"):
         ssm.ssd_chunked(x, dt, A, B, C, block_size=0)
+    with pytest.raises(ValueError, match="options.window.*not supported by the Pallas"):
+        ssm.ssd(x, dt, A, B, C, options=ssm.SSMOptions(window=8), impl="pallas")
     with pytest.raises(ValueError, match=r"heads \(4\).*groups \(3\)"):
         ssm.ssd_sequential(x, dt, A, B[..., :1, :].repeat(3, 2), C[..., :1, :].repeat(3, 2))
     with pytest.raises(ValueError, match="`dt` must be"):

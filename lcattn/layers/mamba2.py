@@ -46,7 +46,8 @@ class Mamba2Config:
       chunk_size: ``Q`` of the chunked SSD algorithm.
       options: ``lcattn.ssm.SSMOptions`` (state-collapse mitigations).
       impl: ``"auto"`` (chunked; sequential for one token or with ``options.state_clip``),
-        ``"chunked"`` or ``"sequential"``.
+        ``"chunked"``, ``"sequential"`` or ``"pallas"`` (``lcattn.ssm.ssd_pallas``: no
+        ``window`` / ``state_clip``).
     """
 
     head_dim: int = 64
@@ -68,6 +69,11 @@ class Mamba2Config:
         if self.impl not in ssm.IMPLS:
             raise ValueError(f"Mamba2Config: `impl` must be one of {ssm.IMPLS}, got "
                              f"{self.impl!r}")
+        if self.impl == "pallas" and (self.options.window is not None
+                                      or self.options.state_clip is not None):
+            raise ValueError("Mamba2Config: `options.window` and `options.state_clip` are not "
+                             "supported by impl='pallas'; use impl='chunked', 'sequential' or "
+                             "'auto'")
         if self.impl != "sequential" and self.options.window is not None \
                 and self.options.window % self.chunk_size:
             raise ValueError(f"Mamba2Config: `options.window` ({self.options.window}) must be a "
