@@ -32,7 +32,9 @@ from lcattn import ssm
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "4096", "16384"], "Sequence lengths.")
 _MODES = flags.DEFINE_list("modes", ["forward", "forward_backward"], "Modes to time.")
-_IMPLS = flags.DEFINE_list("impls", ["chunked", "sequential"], "chunked, sequential.")
+_IMPLS = flags.DEFINE_list("impls", ["chunked", "sequential"],
+                           "chunked, sequential, pallas (the chunk-scan kernel: meaningful on a "
+                           "GPU only; elsewhere it times the Pallas interpreter).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size.")
 _HEADS = flags.DEFINE_integer("heads", 4, "SSM heads H.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head width P.")
@@ -63,6 +65,8 @@ def ssd_fn(impl):
                                           block_size=_BLOCK.value)[0]
     if impl == "sequential":
         return lambda *a: ssm.ssd_sequential(*a)[0]
+    if impl == "pallas":
+        return lambda *a: ssm.ssd_pallas(*a, chunk_size=_CHUNK.value)[0]
     raise app.UsageError(f"unknown impl {impl!r}")
 
 
