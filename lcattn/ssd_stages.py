@@ -9,7 +9,7 @@ r"""The three stages of the chunked SSD algorithm, each with a hand-written grad
 
 with ``cum`` the cumulative log-decay inside each chunk (``cum_end`` its last entry) and
 ``g_c = e^{cum_end}``. ``x`` here is the already scaled input ``κ x``. Packed documents enter
-as masks built from ``starts``: the number of document starts at or before each token inside
+as masks built from ``counts``: the number of document starts at or before each token inside
 its chunk (a float count, from the same triangular matmul as ``cum``). Two tokens of a chunk
 are in the same document iff their counts are equal; terms that cross a start are zero.
 
@@ -20,7 +20,7 @@ the forward. Here every matmul of the backward is a batched matmul over the same
 heads-major layout as the forward, and the forward saves what the backward needs.
 
 Layouts (``Z`` batch, ``G`` groups, ``K`` heads per group): ``x [Z, G, K, nc, Q, P]``,
-``cum [Z, G, K, nc, Q]``, ``b, c [Z, G, nc, Q, N]``, ``starts [Z, 1, 1, nc, Q]``,
+``cum [Z, G, K, nc, Q]``, ``b, c [Z, G, nc, Q, N]``, ``counts [Z, 1, 1, nc, Q]``,
 states ``[Z, G, K, nc, N, P]`` (``h0``, ``h_last``: ``[Z, G, K, N, P]``).
 """
 from __future__ import annotations
@@ -50,15 +50,15 @@ def _per_head(a, k):
 
 # -- 1. inside each chunk --------------------------------------------------------------------
 @jax.custom_vjp
-def intra_chunk(x, cum, b, c, starts):
+def intra_chunk(x, cum, b, c, counts):
     """``y_i = Σ_{j <= i, same chunk and document} C_iᵀB_j exp(cum_i - cum_j) x_j``:
     ``[Z, G, K, nc, Q, P]``."""
-    return _intra_fwd(x, cum, b, c, starts)[0]
+    return _intra_fwd(x, cum, b, c, counts)[0]
 
 
-def _intra_fwd(x, cum, b, c, starts):
+def _intra_fwd(x, cum, b, c, counts):
     q = x.shape[-2]
-    visible = (starts[..., :, None] == starts[..., None, :]) & jnp.tril(jnp.ones((q, q), bool))
+    visible = (counts[..., :, None] == counts[..., None, :]) & jnp.tril(jnp.ones((q, q), bool))
     # cum_i - cum_j <= 0 for j <= i; clamped above j > i, where the mask zeroes it anyway
     decay = jnp.exp(jnp.minimum(cum[..., :, None] - cum[..., None, :], 0.0)) * visible
     w = _per_head(jnp.einsum("zgcin,zgcjn->zgcij", c, b), x.shape[2]) * decay
@@ -83,19 +83,19 @@ intra_chunk.defvjp(_intra_fwd, _intra_bwd)
 
 # -- 2. the states entering each chunk --------------------------------------------------------
 @jax.custom_vjp
-def chunk_states(x, cum, b, starts, h0):
+def chunk_states(x, cum, b, counts, h0):
     """``(entering [Z, G, K, nc, N, P], h_last [Z, G, K, N, P])``: ``S_0 = h0``,
     ``S_{c+1} = g_c S_c + Σ_j B_j (exp(cum_end - cum_j) x_j)ᵀ``; ``g_c = 0`` and the
-    written terms before a start are dropped when a document starts inside chunk ``c``."""
-    return _states_fwd(x, cum, b, starts, h0)[0]
+    written terms before a start are dropped when a document counts inside chunk ``c``."""
+    return _states_fwd(x, cum, b, counts, h0)[0]
 
 
-def _states_fwd(x, cum, b, starts, h0):
+def _states_fwd(x, cum, b, counts, h0):
     nc, k = x.shape[3], x.shape[2]
-    to_end = jnp.exp(cum[..., -1:] - cum) * (starts == starts[..., -1:])  # [Z, G, K, nc, Q]
+    to_end = jnp.exp(cum[..., -1:] - cum) * (counts == counts[..., -1:])  # [Z, G, K, nc, Q]
     written = to_end[..., None] * x
     local = jnp.einsum("zgkcjn,zgkcjp->zgkcnp", _per_head(b, k), written)
-    gate = jnp.exp(cum[..., -1]) * (starts[..., -1] == 0)                # [Z, G, K, nc]
+    gate = jnp.exp(cum[..., -1]) * (counts[..., -1] == 0)                # [Z, G, K, nc]
 
     def body(i, carry):
         h, entering = carry
@@ -136,14 +136,14 @@ chunk_states.defvjp(_states_fwd, _states_bwd)
 
 # -- 3. the entering state read out inside each chunk -----------------------------------------
 @jax.custom_vjp
-def readout(c, entering, cum, starts):
+def readout(c, entering, cum, counts):
     """``y_i = exp(cum_i) C_iᵀ S_c`` for tokens before the chunk's first document start (0
     after it): ``[Z, G, K, nc, Q, P]``."""
-    return _readout_fwd(c, entering, cum, starts)[0]
+    return _readout_fwd(c, entering, cum, counts)[0]
 
 
-def _readout_fwd(c, entering, cum, starts):
-    from_start = jnp.exp(cum) * (starts == 0)
+def _readout_fwd(c, entering, cum, counts):
+    from_start = jnp.exp(cum) * (counts == 0)
     r = jnp.einsum("zgkcin,zgkcnp->zgkcip", _per_head(c, entering.shape[2]), entering)
     return from_start[..., None] * r, (c, entering, from_start, r)
 
