@@ -203,6 +203,11 @@ def _check_inputs(x, dt, A, B, C, starts):
         raise ValueError(f"ssd: `starts` must be [{b}, {t}], got {starts.shape}")
 
 
+def _check_size(where, name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{where}: `{name}` must be an integer >= 1, got {value!r}")
+
+
 def _check_state(state, x, B, options):
     b, _, h, p = x.shape
     g, n = B.shape[2:]
@@ -434,9 +439,8 @@ def ssd_chunked(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
     ValueError for ``options.state_clip`` (not expressible in chunked form: use
     ``ssd_sequential``).
     """
-    for name, value in (("chunk_size", chunk_size), ("block_size", block_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"ssd_chunked: `{name}` must be an integer >= 1, got {value!r}")
+    _check_size("ssd_chunked", "chunk_size", chunk_size)
+    _check_size("ssd_chunked", "block_size", block_size)
     if options.state_clip is not None:
         raise ValueError("ssd_chunked: `options.state_clip` rescales the state after every "
                          "token and has no chunked form; use ssd_sequential (impl='sequential')")
@@ -521,10 +525,7 @@ def ssd_pallas(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
         if getattr(options, name) is not None:
             raise ValueError(f"ssd_pallas: `options.{name}` is not supported by the Pallas "
                              "kernel; use impl='chunked' or 'sequential'")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
-            or chunk_size < 1:
-        raise ValueError(f"ssd_pallas: `chunk_size` must be an integer >= 1, got "
-                         f"{chunk_size!r}")
+    _check_size("ssd_pallas", "chunk_size", chunk_size)
     _check_inputs(x, dt, A, B, C, starts)
     state = _initial(state, x, B, options)
     starts = jnp.zeros(x.shape[:2], bool) if starts is None else starts.astype(bool)

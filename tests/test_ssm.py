@@ -246,6 +246,8 @@ def test_bad_calls_raise():
         ssm.ssd_chunked(x, dt, A, B, C, chunk_size=0)
     with pytest.raises(ValueError, match="`block_size` must be an integer >= 1, got 0"):
         ssm.ssd_chunked(x, dt, A, B, C, block_size=0)
+    with pytest.raises(ValueError, match="ssd_pallas: `chunk_size` must be an integer >= 1"):
+        ssm.ssd_pallas(x, dt, A, B, C, chunk_size=True)
     with pytest.raises(ValueError, match="options.window.*not supported by the Pallas"):
         ssm.ssd(x, dt, A, B, C, options=ssm.SSMOptions(window=8), impl="pallas")
     with pytest.raises(ValueError, match=r"heads \(4\).*groups \(3\)"):
