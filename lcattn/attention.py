@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcattn import backends, checks
 from lcattn import masks as masks_lib
 from lcattn import normalizers as norms_lib
 from lcattn import positions as pos_lib
-
-BACKENDS = ("auto", "reference", "xla", "pallas_tpu")
+from pallas_kernels.block_sizes import BlockSizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +51,8 @@ class AttentionSpec:
             if not isinstance(value, kind):
                 raise ValueError(f"AttentionSpec: `{name}` must be a {kind.__module__}."
                                  f"{kind.__name__}, got {value!r}")
+        checks.integer("AttentionSpec", "distance_limit", self.distance_limit, allow_none=True)
         if self.distance_limit is not None:
-            d = self.distance_limit
-            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-                raise ValueError(f"AttentionSpec: `distance_limit` must be None or an integer "
-                                 f">= 1, got {d!r}")
             if not isinstance(self.mask, masks_lib.Lambda):
                 raise ValueError("AttentionSpec: `distance_limit` requires mask=Lambda(window, "
                                  f"n_global) (LM-Infinite), got mask={self.mask!r}")
@@ -81,21 +78,6 @@ class Inputs:
     default_k_pos: bool
 
 
-def _positions(name, value, batch, length):
-    if value is None:
-        return np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
-    arr = value if isinstance(value, jax.Array) else np.asarray(value)
-    if arr.ndim == 1:
-        arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != length or arr.shape[0] not in (1, batch):
-        raise ValueError(f"`{name}` must have shape [batch={batch}, seq={length}] or [seq], "
-                         f"got {tuple(np.shape(value))}")
-    if not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise ValueError(f"`{name}` must hold integers, got dtype {arr.dtype}")
-    xp = jnp if isinstance(arr, jax.Array) else np
-    return xp.broadcast_to(arr.astype(np.int32), (batch, length))
-
-
 def validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids) -> Inputs:
     """Shape / dtype checks with messages that name the argument."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -119,11 +101,11 @@ def validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids) -
     if (segs[0] is None) != (segs[1] is None):
         raise ValueError("`q_segment_ids` and `kv_segment_ids` must be given together")
     q_seg = None if segs[0] is None else jnp.asarray(
-        _positions("q_segment_ids", segs[0], b, tq))
+        pos_lib.broadcast("q_segment_ids", segs[0], b, tq))
     kv_seg = None if segs[1] is None else jnp.asarray(
-        _positions("kv_segment_ids", segs[1], b, tk))
-    return Inputs(_positions("q_positions", q_positions, b, tq),
-                  _positions("k_positions", k_positions, b, tk), q_seg, kv_seg,
+        pos_lib.broadcast("kv_segment_ids", segs[1], b, tk))
+    return Inputs(pos_lib.broadcast("q_positions", q_positions, b, tq),
+                  pos_lib.broadcast("k_positions", k_positions, b, tk), q_seg, kv_seg,
                   k_positions is None)
 
 
@@ -178,15 +160,9 @@ def streaming_attend(pass_fn: Callable, q, k, v, spec: AttentionSpec, inp: Input
     return out.astype(q.dtype)
 
 
-def _resolve(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-    return "xla" if backend == "auto" else backend
-
-
 def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
            q_segment_ids=None, kv_segment_ids=None, backend: str = "auto", interpret=None,
-           block_sizes: tuple[int, int] | None = None):
+           block_sizes: BlockSizes | tuple[int, int] | None = None):
     """Attention ``[B, Tq, Hq, D] x [B, Tk, Hkv, D] x [B, Tk, Hkv, Dv] -> [B, Tq, Hq, Dv]``.
 
     Args:
@@ -195,21 +171,19 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
         ``arange(T)`` for both (pass positions explicitly when decoding against a cache).
       q_segment_ids, kv_segment_ids: optional ``int32 [B, T]``; keys are visible only within
         the query's segment (packing).
-      backend: ``"reference"`` (dense oracle), ``"xla"`` (blockwise, skips empty tiles),
-        ``"pallas_tpu"`` (Mosaic TPU block-sparse kernels), or ``"auto"`` (``xla``).
+      backend: a name from ``lcattn.backends``: ``"reference"`` (dense oracle), ``"xla"``
+        (blockwise, skips empty tiles), ``"pallas_tpu"`` (Mosaic TPU block-sparse kernels),
+        or ``"auto"`` (``lcattn.backends.AUTO``: ``xla`` on every platform today).
       interpret: for Pallas backends: run in interpret mode; None = when not on their
         platform. Ignored by ``reference`` and ``xla``.
-      block_sizes: ``(block_q, block_k)`` for blockwise backends.
+      block_sizes: tiles of blockwise backends: a ``pallas_kernels.block_sizes.BlockSizes``
+        (forward and backward sizes), a ``(block_q, block_k)`` pair, or None (512 x 512).
     """
     if not isinstance(spec, AttentionSpec):
         raise ValueError(f"`spec` must be an AttentionSpec, got {spec!r}")
-    backend = _resolve(backend)
+    impl = backends.resolve_backend(backend, spec)
     inp = validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids)
-    if backend == "reference":
-        from lcattn.backends import reference
-        return reference.attend(q, k, v, spec, inp)
-    if backend == "pallas_tpu":
-        from lcattn.backends import pallas_tpu
-        return streaming_attend(pallas_tpu.pass_fn(block_sizes, interpret), q, k, v, spec, inp)
-    from lcattn.backends import xla
-    return streaming_attend(xla.pass_fn(block_sizes), q, k, v, spec, inp)
+    if not impl.streaming:
+        return impl.load().attend(q, k, v, spec, inp)
+    pass_fn = impl.load().pass_fn(BlockSizes.of(block_sizes), interpret)
+    return streaming_attend(pass_fn, q, k, v, spec, inp)

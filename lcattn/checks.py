@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.checks import integer, is_int
 
-__all__ = ["choice", "integer", "is_int", "positive"]
+__all__ = ["choice", "integer", "is_int", "positive", "tokens"]
 
 
 def positive(owner: str, name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -31,3 +32,11 @@ def choice(owner: str, name: str, value: Any, allowed) -> None:
     """``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{owner}: `{name}` must be one of {tuple(allowed)}, got {value!r}")
+
+
+def tokens(value: Any, name: str = "tokens") -> None:
+    """``value`` is an integer array ``[batch, seq]``."""
+    arr = jnp.asarray(value)
+    if arr.ndim != 2 or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"`{name}` must be an integer array [batch, seq], got shape "
+                         f"{arr.shape} dtype {arr.dtype}")

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcattn import checks
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _BIG = 2**30  # stands for +/- infinity in band and key-range bounds
 
@@ -148,11 +150,6 @@ class Mask:
         return self.pair_count(q_pos, q_pos, k_lo, k_hi)
 
 
-def _check(name: str, value: Any, minimum: int, cls: str):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{cls}: `{name}` must be an integer >= {minimum}, got {value!r}")
-
-
 def _true_like(q_pos, k_pos):
     return (q_pos - k_pos) == (q_pos - k_pos)
 
@@ -186,7 +183,7 @@ class Local(Mask):
     window: int
 
     def __post_init__(self):
-        _check("window", self.window, 1, "Local")
+        checks.integer("Local", "window", self.window, minimum=1)
 
     def __call__(self, q_pos, k_pos):
         d = q_pos - k_pos
@@ -203,7 +200,7 @@ class Beyond(Mask):
     distance: int
 
     def __post_init__(self):
-        _check("distance", self.distance, 0, "Beyond")
+        checks.integer("Beyond", "distance", self.distance, minimum=0)
 
     def __call__(self, q_pos, k_pos):
         return q_pos - k_pos >= self.distance
@@ -219,7 +216,7 @@ class Sinks(Mask):
     n: int
 
     def __post_init__(self):
-        _check("n", self.n, 0, "Sinks")
+        checks.integer("Sinks", "n", self.n, minimum=0)
 
     def __call__(self, q_pos, k_pos):
         return (k_pos < self.n) & _true_like(q_pos, k_pos)
@@ -235,7 +232,7 @@ class Chunked(Mask):
     size: int
 
     def __post_init__(self):
-        _check("size", self.size, 1, "Chunked")
+        checks.integer("Chunked", "size", self.size, minimum=1)
 
     def __call__(self, q_pos, k_pos):
         return (q_pos // self.size) == (k_pos // self.size)
@@ -286,8 +283,8 @@ class Lambda(Mask):
     n_global: int = 0
 
     def __post_init__(self):
-        _check("window", self.window, 1, "Lambda")
-        _check("n_global", self.n_global, 0, "Lambda")
+        checks.integer("Lambda", "window", self.window, minimum=1)
+        checks.integer("Lambda", "n_global", self.n_global, minimum=0)
 
     @property
     def composite(self) -> Mask:

@@ -61,16 +61,11 @@ import numpy as np
 from flax import nnx
 
 from lcattn.layers.attention import SpecOverride
-from lcattn.model import DecoderLM, _check_tokens, _param
+from lcattn import checks
+from lcattn.layers.params import param
+from lcattn.model import DecoderLM
 
 LOSS_SEGMENTS = ("all", "last")
-
-
-def _check_int(name, value, low, high=None):
-    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
-    if not ok or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"HMTConfig: `{name}` must be an integer {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,25 +94,23 @@ class HMTConfig:
     loss_segments: str = "last"
 
     def __post_init__(self):
-        _check_int("segment_len", self.segment_len, 1)
-        _check_int("sensory_len", self.sensory_len, 0)
+        checks.integer("HMTConfig", "segment_len", self.segment_len, minimum=1)
+        checks.integer("HMTConfig", "sensory_len", self.sensory_len, minimum=0)
         if self.sensory_len >= self.segment_len:
             raise ValueError(f"HMTConfig: `sensory_len` must be in [0, segment_len="
                              f"{self.segment_len}), got {self.sensory_len}")
-        _check_int("num_memories", self.num_memories, 0)
+        checks.integer("HMTConfig", "num_memories", self.num_memories, minimum=0)
         if self.summary_len is not None:
-            _check_int("summary_len", self.summary_len, 0, self.segment_len)
+            checks.integer("HMTConfig", "summary_len", self.summary_len, minimum=0,
+                           maximum=self.segment_len)
         if not isinstance(self.recall, bool):
             raise ValueError(f"HMTConfig: `recall` must be True or False, got {self.recall!r}")
         if self.recall and self.num_memories == 0:
             raise ValueError("HMTConfig: `recall=True` needs `num_memories` >= 1 (num_memories=0 "
                              "means no memory tokens; set recall=False)")
         for name in ("memory_dim", "bptt_segments"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        if self.loss_segments not in LOSS_SEGMENTS:
-            raise ValueError(f"HMTConfig: `loss_segments` must be one of {LOSS_SEGMENTS}, got "
-                             f"{self.loss_segments!r}")
+            checks.integer("HMTConfig", name, getattr(self, name), allow_none=True)
+        checks.choice("HMTConfig", "loss_segments", self.loss_segments, LOSS_SEGMENTS)
 
     @property
     def summary_tokens(self) -> int:
@@ -161,13 +154,13 @@ class HMT(nnx.Module):
         self.backbone, self.config = backbone, config
         d = backbone.d_model
         unit = nnx.initializers.normal(1.0)  # the scale of embed(tokens) and of final_norm(h)
-        self.initial_memory = _param(rngs, unit, (d,), ("embed",)) if config.num_memories \
+        self.initial_memory = param(rngs, unit, (d,), ("embed",)) if config.num_memories \
             else None
         d_h, proj = config.memory_dim or d, nnx.initializers.lecun_normal()
         recall = config.recall
-        self.summary_prompt = _param(rngs, unit, (d,), ("embed",)) if recall else None
-        self.w_q = _param(rngs, proj, (d, d_h), ("embed", "head_dim")) if recall else None
-        self.w_k = _param(rngs, proj, (d, d_h), ("embed", "head_dim")) if recall else None
+        self.summary_prompt = param(rngs, unit, (d,), ("embed",)) if recall else None
+        self.w_q = param(rngs, proj, (d, d_h), ("embed", "head_dim")) if recall else None
+        self.w_k = param(rngs, proj, (d, d_h), ("embed", "head_dim")) if recall else None
 
     # -- state and the memory math ---------------------------------------------------------
     def init_state(self, batch_size: int) -> MemoryState:
@@ -233,7 +226,7 @@ class HMT(nnx.Module):
         shorter last segment runs after it. ``attention_override`` / ``backend`` are passed
         to every backbone call.
         """
-        _check_tokens(tokens)
+        checks.tokens(tokens)
         b, t = tokens.shape
         if t < 1:
             raise ValueError("HMT: `tokens` must hold at least one token per row")
@@ -301,12 +294,10 @@ def generate(model: HMT, prompt: jax.Array, num_new_tokens: int, *,
     pass over exactly the tokens known when it is produced. One compilation per distinct
     length of that last segment.
     """
-    _check_tokens(prompt)
+    checks.tokens(prompt, "prompt")
     if not isinstance(model, HMT):
         raise ValueError(f"generate: `model` must be an HMT, got {type(model).__name__}")
-    if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, (int, np.integer)) \
-            or num_new_tokens < 0:
-        raise ValueError(f"`num_new_tokens` must be an integer >= 0, got {num_new_tokens!r}")
+    checks.integer("memory.generate", "num_new_tokens", num_new_tokens, minimum=0)
     if prompt.shape[1] < 1:
         raise ValueError("generate: `prompt` must hold at least one token per row")
     graphdef, params = nnx.split(model)

@@ -41,9 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcattn.attention import BACKENDS, AttentionSpec
+from lcattn import backends, checks
+from lcattn.attention import AttentionSpec
 from lcattn.layers import Attention, Mamba2, Mamba2Config, RMSNorm, SwiGLU
 from lcattn.layers.attention import SpecOverride
+from lcattn.layers.params import param
+from lcattn.positions import broadcast as broadcast_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +57,6 @@ class Dims:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    backend: str
     mamba2: Mamba2Config = Mamba2Config()
 
 
@@ -68,12 +70,12 @@ class MixerKind:
 
 def _build_attention(dims: Dims, spec: AttentionSpec | None, rngs: nnx.Rngs) -> Attention:
     return Attention(dims.d_model, dims.num_heads, dims.num_kv_heads, dims.head_dim, spec,
-                     rngs=rngs, backend=dims.backend)
+                     rngs=rngs)
 
 
 def _build_mamba2(dims: Dims, spec: AttentionSpec | None, rngs: nnx.Rngs) -> Mamba2:
     del spec  # takes no AttentionSpec
-    return Mamba2(dims.d_model, dims.mamba2, rngs=rngs)
+    return Mamba2(dims.d_model, dims.mamba2.for_model(dims.d_model, dims.num_heads), rngs=rngs)
 
 
 MIXERS: dict[str, MixerKind] = {"attn": MixerKind(_build_attention, attention=True),
@@ -142,17 +144,6 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache
 
 
-def _param(rngs, init, shape, names):
-    init = nnx.with_partitioning(init, names, eager_sharding=False)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32))
-
-
-def _check_tokens(tokens):
-    if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.asarray(tokens).dtype, jnp.integer):
-        raise ValueError(f"`tokens` must be an integer array [batch, seq], got shape "
-                         f"{jnp.shape(tokens)} dtype {jnp.asarray(tokens).dtype}")
-
-
 class DecoderLM(nnx.Module):
     """Decoder-only language model over ``layer_pattern`` (see the module docstring).
 
@@ -173,24 +164,22 @@ class DecoderLM(nnx.Module):
                  mamba2: Mamba2Config | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
                             ("mlp_dim", mlp_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DecoderLM: `{name}` must be an integer >= 1, got {value!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"DecoderLM: `backend` must be one of {BACKENDS}, got {backend!r}")
+            checks.integer("DecoderLM", name, value)
+        backends.check_name(backend, "DecoderLM")
         specs = _layer_specs(layer_pattern, attention_specs)
         mamba2 = Mamba2Config() if mamba2 is None else mamba2
         if not isinstance(mamba2, Mamba2Config):
             raise ValueError(f"DecoderLM: `mamba2` must be None or a Mamba2Config, got "
                              f"{mamba2!r}")
-        dims = Dims(d_model, num_heads, num_kv_heads, head_dim, backend, mamba2)
-        self.layer_pattern = tuple(layer_pattern)
+        dims = Dims(d_model, num_heads, num_kv_heads, head_dim, mamba2)
+        self.layer_pattern, self.backend = tuple(layer_pattern), backend
         self.d_model, self.vocab_size, self.dtype = d_model, vocab_size, dtype
-        self.embedding = _param(rngs, nnx.initializers.normal(1.0 / math.sqrt(d_model)),
+        self.embedding = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(d_model)),
                                 (vocab_size, d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(kind, dims, mlp_dim, spec, rngs=rngs)
                                 for kind, spec in zip(self.layer_pattern, specs)])
         self.final_norm = RMSNorm(d_model, rngs=rngs)
-        self.head = None if tie_embeddings else _param(
+        self.head = None if tie_embeddings else param(
             rngs, nnx.initializers.lecun_normal(), (d_model, vocab_size), ("embed", "vocab"))
 
     # -- pieces ----------------------------------------------------------------------------
@@ -210,19 +199,6 @@ class DecoderLM(nnx.Module):
         return jnp.einsum(eq, h, w.astype(h.dtype),
                           preferred_element_type=jnp.float32).astype(jnp.float32)
 
-    @staticmethod
-    def _positions(positions, batch, length):
-        if positions is None:
-            return np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
-        xp = jnp if isinstance(positions, jax.Array) else np
-        pos = xp.asarray(positions)
-        if pos.ndim == 1:
-            pos = pos[None]
-        if pos.ndim != 2 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
-            raise ValueError(f"`positions` must have shape [batch={batch}, seq={length}] or "
-                             f"[seq], got {tuple(np.shape(positions))}")
-        return xp.broadcast_to(pos.astype(np.int32), (batch, length))
-
     # -- forward ---------------------------------------------------------------------------
     def forward_embeddings(self, x: jax.Array, *, positions=None, segment_ids=None,
                            attention_override: SpecOverride = None,
@@ -238,11 +214,11 @@ class DecoderLM(nnx.Module):
             raise ValueError(f"`x` must have shape [batch, seq, d_model={self.d_model}], got "
                              f"{jnp.shape(x)}")
         b, t, _ = x.shape
-        positions = self._positions(positions, b, t)
+        positions = broadcast_positions("positions", positions, b, t)
         x = x.astype(self.dtype)
         for block in self.blocks:
             x = block(x, positions=positions, segment_ids=segment_ids,
-                      override=attention_override, backend=backend)
+                      override=attention_override, backend=backend or self.backend)
         return x
 
     def __call__(self, tokens: jax.Array, *, positions=None, segment_ids=None,
@@ -259,7 +235,7 @@ class DecoderLM(nnx.Module):
             ``Lambda(window, n_global)`` with ``distance_limit``: LM-Infinite).
           backend: overrides every attention layer's backend.
         """
-        _check_tokens(tokens)
+        checks.tokens(tokens)
         hidden = self.forward_embeddings(self.embed(tokens), positions=positions,
                                          segment_ids=segment_ids,
                                          attention_override=attention_override,
@@ -287,7 +263,7 @@ class DecoderLM(nnx.Module):
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block.extend(x, layer_cache, positions=positions,
-                                          override=override, backend=backend)
+                                          override=override, backend=backend or self.backend)
             new_cache.append(layer_cache)
         return self.logits(x), tuple(new_cache)
 
@@ -301,9 +277,9 @@ class DecoderLM(nnx.Module):
         ``backend`` are static: pass the same override object to reuse the compilation); it
         leaves the model unchanged, so it also nests inside ``jax.jit`` / ``lax.scan``.
         """
-        _check_tokens(tokens)
+        checks.tokens(tokens)
         b, t = tokens.shape
-        positions = jnp.asarray(self._positions(positions, b, t))
+        positions = jnp.asarray(broadcast_positions("positions", positions, b, t))
         return self._extend(tokens, positions, cache, attention_override, backend)
 
     @nnx.jit(static_argnames=("attention_override", "backend"), graph_updates=False)
@@ -313,7 +289,7 @@ class DecoderLM(nnx.Module):
 
         Returns ``(logits float32 [B, V], cache)``. Compiled like ``prefill``.
         """
-        _check_tokens(token)
+        checks.tokens(token, "token")
         if token.shape[1] != 1:
             raise ValueError(f"`token` must have shape [batch, 1], got {token.shape}")
         b = token.shape[0]
@@ -352,10 +328,8 @@ def generate(model: DecoderLM, prompt: jax.Array, num_new_tokens: int, *,
     prompt shape, length and override; the KV cache is sized ``T + num_new_tokens`` (constant
     for Λ-mask layers).
     """
-    _check_tokens(prompt)
-    if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, (int, np.integer)) \
-            or num_new_tokens < 0:
-        raise ValueError(f"`num_new_tokens` must be an integer >= 0, got {num_new_tokens!r}")
+    checks.tokens(prompt, "prompt")
+    checks.integer("generate", "num_new_tokens", num_new_tokens, minimum=0)
     if num_new_tokens == 0:
         return jnp.zeros((prompt.shape[0], 0), jnp.int32)
     graphdef, state = nnx.split(model)

@@ -21,13 +21,32 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcattn.checks import positive as _positive
 
-def _positive(cls: str, name: str, value):
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{cls}: `{name}` must be a number > 0, got {value!r}")
+
+def broadcast(name: str, value, batch: int, length: int):
+    """Token positions (or segment ids) as int32 ``[batch, length]``.
+
+    ``value`` None gives ``arange(length)`` per row; ``[length]`` or ``[1, length]`` is
+    broadcast over the batch. numpy stays numpy (static: kernels build block lists at trace
+    time), jax arrays stay traced. Errors name the argument ``name``.
+    """
+    if value is None:
+        return np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+    arr = value if isinstance(value, jax.Array) else np.asarray(value)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != length or arr.shape[0] not in (1, batch):
+        raise ValueError(f"`{name}` must have shape [batch={batch}, seq={length}] or [seq], "
+                         f"got {tuple(np.shape(value))}")
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"`{name}` must hold integers, got dtype {arr.dtype}")
+    xp = jnp if isinstance(arr, jax.Array) else np
+    return xp.broadcast_to(arr.astype(np.int32), (batch, length))
 
 
 @dataclasses.dataclass(frozen=True)

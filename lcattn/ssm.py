@@ -53,20 +53,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcattn import ssd_stages
+from lcattn import checks, ssd_stages
 from pallas_kernels import ssd_scan
 
 IMPLS = ("auto", "chunked", "sequential", "pallas")
 _TINY = 1e-30  # floor under squared norms so sqrt has a finite gradient at 0
-
-
-def _check_number(name, value, *, allow_none=False):
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or value <= 0:
-        allowed = "None or a finite number > 0" if allow_none else "a finite number > 0"
-        raise ValueError(f"SSMOptions: `{name}` must be {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,15 +82,12 @@ class SSMOptions:
     window: int | None = None
 
     def __post_init__(self):
-        _check_number("decay_scale", self.decay_scale)
-        _check_number("input_scale", self.input_scale)
-        _check_number("input_clip", self.input_clip, allow_none=True)
-        _check_number("state_clip", self.state_clip, allow_none=True)
-        w = self.window
-        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer))
-                              or w < 1):
-            raise ValueError(f"SSMOptions: `window` must be None or an integer >= 1, got {w!r}")
-        if w is not None and self.state_clip is not None:
+        checks.positive("SSMOptions", "decay_scale", self.decay_scale)
+        checks.positive("SSMOptions", "input_scale", self.input_scale)
+        checks.positive("SSMOptions", "input_clip", self.input_clip, allow_none=True)
+        checks.positive("SSMOptions", "state_clip", self.state_clip, allow_none=True)
+        checks.integer("SSMOptions", "window", self.window, allow_none=True)
+        if self.window is not None and self.state_clip is not None:
             raise ValueError("SSMOptions: `window` and `state_clip` cannot be combined (the "
                              "window subtracts old insertions, which assumes a linear state); "
                              "set one of them to None")
@@ -201,11 +189,6 @@ def _check_inputs(x, dt, A, B, C, starts):
         raise ValueError(f"ssd: heads ({h}) must be a multiple of groups ({B.shape[2]})")
     if starts is not None and starts.shape != (b, t):
         raise ValueError(f"ssd: `starts` must be [{b}, {t}], got {starts.shape}")
-
-
-def _check_size(where, name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{where}: `{name}` must be an integer >= 1, got {value!r}")
 
 
 def _check_state(state, x, B, options):
@@ -439,8 +422,8 @@ def ssd_chunked(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
     ValueError for ``options.state_clip`` (not expressible in chunked form: use
     ``ssd_sequential``).
     """
-    _check_size("ssd_chunked", "chunk_size", chunk_size)
-    _check_size("ssd_chunked", "block_size", block_size)
+    checks.integer("ssd_chunked", "chunk_size", chunk_size)
+    checks.integer("ssd_chunked", "block_size", block_size)
     if options.state_clip is not None:
         raise ValueError("ssd_chunked: `options.state_clip` rescales the state after every "
                          "token and has no chunked form; use ssd_sequential (impl='sequential')")
@@ -525,7 +508,7 @@ def ssd_pallas(x, dt, A, B, C, *, options: SSMOptions = SSMOptions(),
         if getattr(options, name) is not None:
             raise ValueError(f"ssd_pallas: `options.{name}` is not supported by the Pallas "
                              "kernel; use impl='chunked' or 'sequential'")
-    _check_size("ssd_pallas", "chunk_size", chunk_size)
+    checks.integer("ssd_pallas", "chunk_size", chunk_size)
     _check_inputs(x, dt, A, B, C, starts)
     state = _initial(state, x, B, options)
     starts = jnp.zeros(x.shape[:2], bool) if starts is None else starts.astype(bool)

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcattn import masks as masks_lib
-from lcattn.attention import BACKENDS, AttentionSpec, attend
+from lcattn import backends, checks
+from lcattn.attention import AttentionSpec, attend
+from lcattn.layers.params import fan_in, param
 
 SpecOverride = Union[None, AttentionSpec, Callable[[AttentionSpec], AttentionSpec]]
 
@@ -111,18 +113,6 @@ class KVCache:
             segment=put(self.segment, jnp.ones_like(positions)))
 
 
-def _kernel(rngs: nnx.Rngs, shape, names, in_axis, out_axis):
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                             in_axis=in_axis, out_axis=out_axis)
-    init = nnx.with_partitioning(init, names, eager_sharding=False)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32))
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Attention: `{name}` must be an integer >= 1, got {value!r}")
-
-
 class Attention(nnx.Module):
     """Grouped-query attention with an ``AttentionSpec``.
 
@@ -136,24 +126,22 @@ class Attention(nnx.Module):
                  spec: AttentionSpec | None = None, *, rngs: nnx.Rngs, backend: str = "auto"):
         for name, value in (("d_model", d_model), ("num_heads", num_heads),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            _positive_int(name, value)
+            checks.integer("Attention", name, value)
         if num_heads % num_kv_heads:
             raise ValueError(f"Attention: num_heads ({num_heads}) must be a multiple of "
                              f"num_kv_heads ({num_kv_heads})")
         spec = AttentionSpec() if spec is None else spec
         if not isinstance(spec, AttentionSpec):
             raise ValueError(f"Attention: `spec` must be an AttentionSpec, got {spec!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"Attention: `backend` must be one of {BACKENDS}, got {backend!r}")
+        backends.check_name(backend, "Attention")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.spec, self.backend = spec, backend
-        self.wq = _kernel(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"),
-                          0, (1, 2))
-        kv_names = ("embed", "kv_heads", "head_dim")
-        self.wk = _kernel(rngs, (d_model, num_kv_heads, head_dim), kv_names, 0, (1, 2))
-        self.wv = _kernel(rngs, (d_model, num_kv_heads, head_dim), kv_names, 0, (1, 2))
-        self.wo = _kernel(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"),
-                          (0, 1), 2)
+        q_names, kv_names = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+        self.wq = param(rngs, fan_in(0, (1, 2)), (d_model, num_heads, head_dim), q_names)
+        self.wk = param(rngs, fan_in(0, (1, 2)), (d_model, num_kv_heads, head_dim), kv_names)
+        self.wv = param(rngs, fan_in(0, (1, 2)), (d_model, num_kv_heads, head_dim), kv_names)
+        self.wo = param(rngs, fan_in((0, 1), 2), (num_heads, head_dim, d_model),
+                        ("heads", "head_dim", "embed"))
 
     def _qkv(self, x):
         dt = x.dtype

@@ -25,12 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcattn import ssm
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Mamba2Config: `{name}` must be an integer >= 1, got {value!r}")
+from lcattn import checks, ssm
+from lcattn.layers.params import fan_in, param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +34,8 @@ class Mamba2Config:
     """Sizes and options of a Mamba-2 layer (hashable; the model width comes separately).
 
     Attributes:
-      head_dim: ``P``; the layer has ``expand·d_model / head_dim`` heads.
+      head_dim: ``P``; the layer has ``expand·d_model / head_dim`` heads. None: as many SSM
+        heads as the model has attention heads (``for_model``; ``DecoderLM`` resolves it).
       state_dim: ``N``, the state width per head (the state is ``N×P`` per head).
       expand: ``d_inner / d_model``.
       num_groups: ``G``, groups of heads sharing ``B`` and ``C``.
@@ -50,7 +47,7 @@ class Mamba2Config:
         ``window`` / ``state_clip``).
     """
 
-    head_dim: int = 64
+    head_dim: int | None = None
     state_dim: int = 64
     expand: int = 2
     num_groups: int = 1
@@ -60,9 +57,9 @@ class Mamba2Config:
     impl: str = "auto"
 
     def __post_init__(self):
-        for name in ("head_dim", "state_dim", "expand", "num_groups", "conv_width",
-                     "chunk_size"):
-            _positive_int(name, getattr(self, name))
+        checks.integer("Mamba2Config", "head_dim", self.head_dim, allow_none=True)
+        for name in ("state_dim", "expand", "num_groups", "conv_width", "chunk_size"):
+            checks.integer("Mamba2Config", name, getattr(self, name))
         if not isinstance(self.options, ssm.SSMOptions):
             raise ValueError(f"Mamba2Config: `options` must be an lcattn.ssm.SSMOptions, got "
                              f"{self.options!r}")
@@ -83,6 +80,16 @@ class Mamba2Config:
             raise ValueError("Mamba2Config: `options.state_clip` needs impl='sequential' or "
                              "'auto', got impl='chunked'")
 
+    def for_model(self, d_model: int, num_heads: int) -> "Mamba2Config":
+        """This config with ``head_dim=None`` resolved to ``expand·d_model / num_heads``."""
+        if self.head_dim is not None:
+            return self
+        if (self.expand * d_model) % num_heads:
+            raise ValueError(f"Mamba2Config: head_dim=None means expand * d_model / num_heads, "
+                             f"but {self.expand} * {d_model} is not a multiple of {num_heads}; "
+                             "give head_dim")
+        return dataclasses.replace(self, head_dim=self.expand * d_model // num_heads)
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("conv", "ssm"),
                    meta_fields=())
@@ -99,16 +106,6 @@ class Mamba2Cache:
     ssm: ssm.SSMState
 
 
-def _param(rngs, init, shape, names):
-    init = nnx.with_partitioning(init, names, eager_sharding=False)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32))
-
-
-def _fan_in(in_axis, out_axis):
-    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                             in_axis=in_axis, out_axis=out_axis)
-
-
 class Mamba2(nnx.Module):
     """Mamba-2 mixer ``[B, T, D] -> [B, T, D]`` with the DecoderLM mixer protocol.
 
@@ -123,13 +120,14 @@ class Mamba2(nnx.Module):
     that ``softplus(Δ_bias) ~ logU[1e-3, 1e-1]``; ``D = 1``.
     """
 
-    def __init__(self, d_model: int, config: Mamba2Config = Mamba2Config(), *,
+    def __init__(self, d_model: int, config: Mamba2Config = Mamba2Config(head_dim=64), *,
                  rngs: nnx.Rngs):
-        if isinstance(d_model, bool) or not isinstance(d_model, (int, np.integer)) \
-                or d_model < 1:
-            raise ValueError(f"Mamba2: `d_model` must be an integer >= 1, got {d_model!r}")
+        checks.integer("Mamba2", "d_model", d_model)
         if not isinstance(config, Mamba2Config):
             raise ValueError(f"Mamba2: `config` must be a Mamba2Config, got {config!r}")
+        if config.head_dim is None:
+            raise ValueError("Mamba2: `config.head_dim` is None; give it, or resolve it with "
+                             "config.for_model(d_model, num_heads)")
         d_inner = config.expand * d_model
         if d_inner % config.head_dim:
             raise ValueError(f"Mamba2: expand * d_model ({d_inner}) must be a multiple of "
@@ -141,24 +139,24 @@ class Mamba2(nnx.Module):
                              f"must be a multiple of num_groups ({g})")
         self.config = config
         head_axes, group_axes = ("heads", "head_dim"), ("kv_heads", None)
-        self.w_x = _param(rngs, _fan_in(0, (1, 2)), (d_model, h, p), ("embed",) + head_axes)
-        self.w_z = _param(rngs, _fan_in(0, (1, 2)), (d_model, h, p), ("embed",) + head_axes)
-        self.w_b = _param(rngs, _fan_in(0, (1, 2)), (d_model, g, n), ("embed",) + group_axes)
-        self.w_c = _param(rngs, _fan_in(0, (1, 2)), (d_model, g, n), ("embed",) + group_axes)
-        self.w_dt = _param(rngs, _fan_in(0, 1), (d_model, h), ("embed", "heads"))
+        self.w_x = param(rngs, fan_in(0, (1, 2)), (d_model, h, p), ("embed",) + head_axes)
+        self.w_z = param(rngs, fan_in(0, (1, 2)), (d_model, h, p), ("embed",) + head_axes)
+        self.w_b = param(rngs, fan_in(0, (1, 2)), (d_model, g, n), ("embed",) + group_axes)
+        self.w_c = param(rngs, fan_in(0, (1, 2)), (d_model, g, n), ("embed",) + group_axes)
+        self.w_dt = param(rngs, fan_in(0, 1), (d_model, h), ("embed", "heads"))
         conv = nnx.initializers.uniform(2.0 / math.sqrt(w))   # U[0, 2/√W), recentred below
-        self.conv_x = _param(rngs, _centred(conv, w), (w, h, p), (None,) + head_axes)
-        self.conv_b = _param(rngs, _centred(conv, w), (w, g, n), (None,) + group_axes)
-        self.conv_c = _param(rngs, _centred(conv, w), (w, g, n), (None,) + group_axes)
+        self.conv_x = param(rngs, _centred(conv, w), (w, h, p), (None,) + head_axes)
+        self.conv_b = param(rngs, _centred(conv, w), (w, g, n), (None,) + group_axes)
+        self.conv_c = param(rngs, _centred(conv, w), (w, g, n), (None,) + group_axes)
         zeros = nnx.initializers.zeros_init()
-        self.conv_x_bias = _param(rngs, zeros, (h, p), head_axes)
-        self.conv_b_bias = _param(rngs, zeros, (g, n), group_axes)
-        self.conv_c_bias = _param(rngs, zeros, (g, n), group_axes)
-        self.a_log = _param(rngs, _a_log_init, (h,), ("heads",))
-        self.dt_bias = _param(rngs, _dt_bias_init, (h,), ("heads",))
-        self.d_skip = _param(rngs, nnx.initializers.ones_init(), (h,), ("heads",))
-        self.norm = _param(rngs, nnx.initializers.ones_init(), (h, p), head_axes)
-        self.w_out = _param(rngs, _fan_in((0, 1), 2), (h, p, d_model), head_axes + ("embed",))
+        self.conv_x_bias = param(rngs, zeros, (h, p), head_axes)
+        self.conv_b_bias = param(rngs, zeros, (g, n), group_axes)
+        self.conv_c_bias = param(rngs, zeros, (g, n), group_axes)
+        self.a_log = param(rngs, _a_log_init, (h,), ("heads",))
+        self.dt_bias = param(rngs, _dt_bias_init, (h,), ("heads",))
+        self.d_skip = param(rngs, nnx.initializers.ones_init(), (h,), ("heads",))
+        self.norm = param(rngs, nnx.initializers.ones_init(), (h, p), head_axes)
+        self.w_out = param(rngs, fan_in((0, 1), 2), (h, p, d_model), head_axes + ("embed",))
 
     # -- pieces ----------------------------------------------------------------------------
     def _conv_params(self, dtype):

@@ -5,10 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-def _kernel(rngs: nnx.Rngs, shape, names):
-    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), names, eager_sharding=False)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32))
+from lcattn.layers.params import param
 
 
 class SwiGLU(nnx.Module):
@@ -20,9 +17,10 @@ class SwiGLU(nnx.Module):
     """
 
     def __init__(self, d_model: int, mlp_dim: int, *, rngs: nnx.Rngs):
-        self.w_gate = _kernel(rngs, (d_model, mlp_dim), ("embed", "mlp"))
-        self.w_up = _kernel(rngs, (d_model, mlp_dim), ("embed", "mlp"))
-        self.w_down = _kernel(rngs, (mlp_dim, d_model), ("mlp", "embed"))
+        init = nnx.initializers.lecun_normal()
+        self.w_gate = param(rngs, init, (d_model, mlp_dim), ("embed", "mlp"))
+        self.w_up = param(rngs, init, (d_model, mlp_dim), ("embed", "mlp"))
+        self.w_down = param(rngs, init, (mlp_dim, d_model), ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
