@@ -1,11 +1,20 @@
-"""gin registrations for lcattn objects and the gin/absl command-line plumbing.
+"""gin registrations for lcattn objects and option groups, and the gin/absl command line.
 
-lcattn's classes are registered as they are (``gin.register`` does not wrap them), under short
-module names used by the configs::
+lcattn's classes and the option groups (frozen dataclasses) are registered as they are
+(``gin.register`` does not wrap them), under short module names used by the configs::
 
     masks.Lambda.window = 128          attention/lcattn.AttentionSpec.mask = @masks.Lambda()
     normalizers.Reweighted.p = 15      positions.RoPE.theta = 10000
     build_model.memory = @memory.HMTConfig()     memory.HMTConfig.segment_len = 128
+    build_model.mamba2 = @layers.Mamba2Config()  layers.Mamba2Config.state_dim = 64
+    layers.Mamba2Config.options = @ssm.SSMOptions()      ssm.SSMOptions.window = 128
+    train.data = @data.DataConfig()    data.DataConfig.packing = "chunk"
+    evaluate.passkey = @tasks.Passkey()          tasks.Passkey.trials = 0
+
+A group's bindings apply only where a parameter is bound to it (``@data.DataConfig()``);
+``configs/base.gin`` binds ``train.data``, ``evaluate.data`` and ``evaluate.passkey``.
+Bindings renamed when the groups were introduced are rewritten in a run's old ``config.gin``
+and named with their new place everywhere else (``experiments.legacy``).
 
 Command lines take ``--gin_file`` (repeatable, later files override earlier ones) and
 ``--gin.NAME=VALUE``, rewritten to the binding ``NAME = VALUE``. Unknown names, missing files and
@@ -23,7 +32,8 @@ import gin
 from absl import flags
 from absl import logging as absl_logging
 
-from lcattn import attention, masks, memory, normalizers, positions
+from experiments import data, legacy, tasks
+from lcattn import attention, layers, masks, memory, normalizers, positions, ssm
 
 _REGISTERED = False
 # Command-line flags shared by experiments.train / evaluate / sweep (absl flags are global).
@@ -34,7 +44,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def register_all() -> None:
-    """Register masks, normalizers, positions, ``AttentionSpec`` and ``HMTConfig`` with gin
+    """Register masks, normalizers, positions, ``AttentionSpec`` and the option groups
+    (``HMTConfig``, ``Mamba2Config``, ``SSMOptions``, ``DataConfig``, ``Passkey``) with gin
     (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
@@ -48,7 +59,10 @@ def register_all() -> None:
                 positions.NTK, positions.YaRN):
         gin.register(cls, module="positions")
     gin.register(attention.AttentionSpec, module="lcattn")
-    gin.register(memory.HMTConfig, module="memory")
+    for cls, module in ((memory.HMTConfig, "memory"), (layers.Mamba2Config, "layers"),
+                        (ssm.SSMOptions, "ssm"), (data.DataConfig, "data"),
+                        (tasks.Passkey, "tasks")):
+        gin.register(cls, module=module)
     _REGISTERED = True
 
 
@@ -87,23 +101,41 @@ def strip_gin_bindings(argv: Sequence[str]) -> list[str]:
     return [a for a in argv if not (a.startswith("--gin.") and "=" in a)]
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
-    """Clear gin, then parse ``gin_files`` in order and ``bindings`` last.
+# A run's config.gin is training's operative config, which binds no evaluation parameter:
+# evaluating a run reads its corpus and the default passkey grid through the groups, so
+# `data.DataConfig.*` and `tasks.Passkey.*` bindings given with it take effect.
+RUN_DEFAULTS = "\nevaluate.data = @data.DataConfig()\nevaluate.passkey = @tasks.Passkey()\n"
 
-    Raises ``ValueError`` naming the file or binding that failed (unknown configurable or
-    parameter, bad syntax or value) and ``FileNotFoundError`` for a missing file.
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True,
+          run_config: str | None = None) -> None:
+    """Clear gin, then parse ``run_config``, ``gin_files`` in order and ``bindings`` last.
+
+    ``run_config``: a run's saved ``config.gin``; one written before the option groups has its
+    moved bindings rewritten (``experiments.legacy.migrate``, logged). Raises ``ValueError``
+    naming the file or binding that failed (unknown configurable or parameter, bad syntax or
+    value; a binding that moved says where to) and ``FileNotFoundError`` for a missing file.
     """
     register_all()
-    for module in ("data", "train", "evaluate", "sweep"):  # register their configurables
+    for module in ("train", "evaluate", "sweep"):  # register their configurables
         importlib.import_module(f"experiments.{module}")
     gin.clear_config()
     gin.add_config_file_search_path(REPO_ROOT)
     files = [resolve_gin_file(f) for f in gin_files]
+    legacy.check_moved(files, bindings)
     try:
+        if run_config is not None:
+            with open(run_config) as f:
+                text, moved = legacy.migrate(f.read())
+            if moved:
+                logging.getLogger("lcattn.config").warning(
+                    "%s predates the option groups; read with %s", run_config, "; ".join(moved))
+            gin.parse_config(text + RUN_DEFAULTS)
         gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize,
                                             skip_unknown=False)
     except (ValueError, KeyError, SyntaxError, TypeError) as err:
-        raise ValueError(f"invalid gin configuration ({', '.join(gin_files) or 'no files'}; "
+        sources = ([run_config] if run_config else []) + list(gin_files)
+        raise ValueError(f"invalid gin configuration ({', '.join(sources) or 'no files'}; "
                          f"bindings {list(bindings)}): {err}") from err
 
 

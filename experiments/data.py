@@ -57,25 +57,27 @@ Iterator state: ``make_iterator(...).get_state()`` is a small dict of ints (grai
 so ``json.dumps`` handles it (``encode_state`` / ``decode_state`` make the plain-JSON copy);
 ``set_state`` on a fresh iterator built with the same arguments resumes bitwise-exactly.
 
-``corpus_manifest()`` and ``validation_documents()`` called without corpus arguments follow
-``make_iterator``'s gin bindings, so binding ``make_iterator.source`` etc. once configures all
-three.
+``DataConfig`` groups the corpus and pipeline options (everything but the split, the row
+length, the batch size and the seed), registered with gin as ``data.DataConfig``;
+``train``/``evaluate`` take one (``train.data = @data.DataConfig()``) and hand it to
+``iterator``, ``corpus_manifest`` and ``validation_documents``, so one set of bindings
+(``data.DataConfig.source = ...``) configures all three and the code runs without gin.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import os
 import pathlib
 import platform
 import sysconfig
 
-import gin
 import grain
 import numpy as np
+
+from lcattn import checks
 
 VOCAB_SIZE = 256
 STDLIB_MAX_BYTES = 4 * 2**20
@@ -112,21 +114,10 @@ class Corpus:
 
     def split_ids(self, split: str, val_every: int) -> np.ndarray:
         """Sorted indices of the files of ``split`` (validation iff ``i % val_every == 0``)."""
-        _check_choice("split", split, SPLITS)
-        if not isinstance(val_every, (int, np.integer)) or val_every < 2:
-            raise ValueError(f"val_every must be an int >= 2, got {val_every!r}")
+        checks.choice("Corpus.split_ids", "split", split, SPLITS)
+        checks.integer("Corpus.split_ids", "val_every", val_every, minimum=2)
         ids = np.arange(len(self.names))
         return ids[(ids % val_every == 0) == (split == "validation")]
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_optional_positive(name, value):
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be None or a positive int, got {value!r}")
 
 
 def _list_files(source: str, glob: str | None) -> tuple[pathlib.Path, list[str]]:
@@ -175,8 +166,8 @@ def _load_corpus(source, max_files, max_bytes, glob) -> Corpus:
 def load_corpus(source: str = "stdlib", *, max_files: int | None = None,
                 max_bytes: int | None = None, glob: str | None = None) -> Corpus:
     """The capped, sorted file subset of ``source``, read once per process and argument tuple."""
-    _check_optional_positive("max_files", max_files)
-    _check_optional_positive("max_bytes", max_bytes)
+    checks.integer("load_corpus", "max_files", max_files, allow_none=True)
+    checks.integer("load_corpus", "max_bytes", max_bytes, allow_none=True)
     if source != "stdlib":
         source = str(pathlib.Path(source).expanduser().resolve())
     return _load_corpus(source, max_files, _cap_bytes(source, max_bytes), glob)
@@ -291,14 +282,12 @@ def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
       val_every: every ``val_every``-th file (sorted index ``% val_every == 0``) is validation.
       num_epochs: passes over the split; ``None``: forever for train, once for validation.
     """
-    _check_choice("split", split, SPLITS)
-    _check_choice("packing", packing, PACKING_MODES)
-    for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
-        if not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    _check_optional_positive("num_epochs", num_epochs)
+    checks.choice("make_dataset", "split", split, SPLITS)
+    checks.choice("make_dataset", "packing", packing, PACKING_MODES)
+    checks.integer("make_dataset", "seq_len", seq_len, minimum=2)
+    checks.integer("make_dataset", "batch_size", batch_size)
+    checks.integer("make_dataset", "seed", seed, minimum=0, maximum=2**32 - 1)
+    checks.integer("make_dataset", "num_epochs", num_epochs, allow_none=True)
     corpus = load_corpus(source, max_files=max_files, max_bytes=max_bytes, glob=glob)
     starts, lengths = _split_docs(corpus, split, val_every, source)
     train = split == "train"
@@ -312,7 +301,6 @@ def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
     return ds.batch(batch_size).map(_finalize(batch_size))
 
 
-@gin.configurable
 def make_iterator(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
                   source: str = "stdlib", packing: str = "pack", max_files: int | None = None,
                   max_bytes: int | None = None, glob: str | None = None, val_every: int = 20,
@@ -338,29 +326,39 @@ def decode_state(obj: dict) -> dict:
     return json.loads(json.dumps(obj))
 
 
-def _as_iterator(**args) -> dict:
-    """``args`` with each ``None`` replaced by ``make_iterator``'s value under the active gin
-    config (its binding, else its default)."""
-    bound = gin.get_bindings(make_iterator)
-    defaults = inspect.signature(make_iterator).parameters
-    return {k: bound.get(k, defaults[k].default) if v is None else v for k, v in args.items()}
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The corpus and how its rows are built: ``make_dataset``'s arguments other than the
+    split, ``seq_len``, ``batch_size`` and ``seed`` (validated when the data is first read)."""
+
+    source: str = "stdlib"
+    packing: str = "pack"
+    max_files: int | None = None
+    max_bytes: int | None = None
+    glob: str | None = None
+    val_every: int = 20
+    num_epochs: int | None = None
+
+    def __post_init__(self):
+        checks.choice("DataConfig", "packing", self.packing, PACKING_MODES)
+
+    def iterator(self, split: str, *, seq_len: int, batch_size: int,
+                 seed: int = 0) -> grain.DatasetIterator:
+        """``make_iterator(split, ...)`` over this corpus and pipeline."""
+        return make_iterator(split, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                             **dataclasses.asdict(self))
+
+    def corpus(self) -> Corpus:
+        """The capped, sorted file subset this config reads (``load_corpus``)."""
+        return load_corpus(self.source, max_files=self.max_files, max_bytes=self.max_bytes,
+                           glob=self.glob)
 
 
-def corpus_manifest(source: str | None = None, *, max_files: int | None = None,
-                    max_bytes: int | None = None, glob: str | None = None,
-                    val_every: int | None = None) -> dict:
-    """JSON-able description of the corpus subset: counts, sha256, Python version, paths.
-
-    Arguments left ``None`` follow ``make_iterator`` (its gin bindings, else its defaults), so
-    ``corpus_manifest()`` describes the corpus the configured iterator reads.
-    """
-    args = _as_iterator(source=source, max_files=max_files, max_bytes=max_bytes, glob=glob,
-                        val_every=val_every)
-    source, val_every = args["source"], args["val_every"]
-    corpus = load_corpus(source, max_files=args["max_files"], max_bytes=args["max_bytes"],
-                         glob=args["glob"])
+def corpus_manifest(config: DataConfig = DataConfig()) -> dict:
+    """JSON-able description of ``config``'s corpus: counts, sha256, Python version, paths."""
+    corpus, val_every = config.corpus(), config.val_every
     return {
-        "source": source,
+        "source": config.source,
         "root": corpus.root,
         "files": len(corpus.names),
         "bytes": int(corpus.tokens.size),
@@ -369,9 +367,9 @@ def corpus_manifest(source: str | None = None, *, max_files: int | None = None,
         "last_file": corpus.names[-1],
         "train_files": int(corpus.split_ids("train", val_every).size),
         "validation_files": int(corpus.split_ids("validation", val_every).size),
-        "max_files": args["max_files"],
-        "max_bytes": _cap_bytes(source, args["max_bytes"]),
-        "glob": args["glob"],
+        "max_files": config.max_files,
+        "max_bytes": _cap_bytes(config.source, config.max_bytes),
+        "glob": config.glob,
         "val_every": val_every,
         "python_version": platform.python_version(),
         "stdlib_path": sysconfig.get_paths()["stdlib"],
@@ -388,15 +386,9 @@ def write_manifest(workdir: str, manifest: dict) -> str:
     return path
 
 
-def validation_documents(source: str | None = None, *, max_files: int | None = None,
-                         max_bytes: int | None = None, glob: str | None = None,
-                         val_every: int | None = None) -> list[np.ndarray]:
-    """The validation files as whole int32 token arrays in sorted order, for evaluation at
-    arbitrary lengths. Arguments left ``None`` follow ``make_iterator`` as in
-    ``corpus_manifest``."""
-    args = _as_iterator(source=source, max_files=max_files, max_bytes=max_bytes, glob=glob,
-                        val_every=val_every)
-    corpus = load_corpus(args["source"], max_files=args["max_files"],
-                         max_bytes=args["max_bytes"], glob=args["glob"])
+def validation_documents(config: DataConfig = DataConfig()) -> list[np.ndarray]:
+    """``config``'s validation files as whole int32 token arrays in sorted order, for
+    evaluation at arbitrary lengths."""
+    corpus = config.corpus()
     return [corpus.document(i).astype(np.int32)
-            for i in corpus.split_ids("validation", args["val_every"])]
+            for i in corpus.split_ids("validation", config.val_every)]

@@ -42,9 +42,11 @@ import tensorstore as ts
 from absl import app
 from flax import nnx
 
-from experiments import configurables, data, tasks
+from experiments import configurables, tasks
+from experiments.data import DataConfig, validation_documents
+from experiments.tasks import Passkey
 from experiments.train import build_model, merge_model, split_model
-from lcattn import memory, model as model_lib
+from lcattn import checks, memory, model as model_lib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -150,24 +152,26 @@ def _plots(workdir, stem, lengths, losses, nll, depths, passkey):
 
 @gin.configurable
 def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
-             length_multipliers=(1, 2, 4, 8, 16), max_tokens: int = 65_536,
-             batch_size: int = 8, attention_override=None, passkey_depths=(0.1, 0.5, 0.9),
-             passkey_trials: int = 2, passkey_multipliers=(2, 4, 8),
-             length_unit: int | None = None, output_name: str = "eval") -> dict:
+             data: DataConfig = DataConfig(), length_multipliers=(1, 2, 4, 8, 16),
+             max_tokens: int = 65_536, batch_size: int = 8, attention_override=None,
+             passkey: Passkey | None = Passkey(), length_unit: int | None = None,
+             output_name: str = "eval") -> dict:
     """Evaluate the checkpoint of ``checkpoint_workdir`` (default ``workdir``) into ``workdir``.
 
-    Eval and passkey lengths are multiples of ``length_unit``; None: the segment length of
-    an HMT model (its long inputs run through the segment recurrence), else the training
-    length (from the checkpoint's ``run.json``). ``max_tokens`` caps the validation text.
+    Validation text comes from ``data`` (the run's corpus: ``evaluate.data`` and
+    ``train.data`` are bound to the same ``@data.DataConfig()``). Eval and passkey lengths are
+    multiples of ``length_unit``; None: the segment length of an HMT model (its long inputs run
+    through the segment recurrence), else the training length (from the checkpoint's
+    ``run.json``). ``max_tokens`` caps the validation text. ``passkey``: the passkey grid
+    (``tasks.Passkey``), None or ``trials=0`` to skip it.
     """
-    for name, values in (("length_multipliers", length_multipliers),
-                         ("passkey_multipliers", passkey_multipliers)):
-        if any(not (isinstance(m, int) and m >= 1) for m in values):
-            raise ValueError(f"evaluate: `{name}` must be integers >= 1, got {values!r}")
-    if length_unit is not None and (isinstance(length_unit, bool)
-                                    or not isinstance(length_unit, int) or length_unit < 1):
-        raise ValueError(f"evaluate: `length_unit` must be None or an integer >= 1, got "
-                         f"{length_unit!r}")
+    if any(not (checks.is_int(m) and m >= 1) for m in length_multipliers):
+        raise ValueError(f"evaluate: `length_multipliers` must be integers >= 1, got "
+                         f"{length_multipliers!r}")
+    checks.integer("evaluate", "length_unit", length_unit, allow_none=True)
+    if passkey is not None and not isinstance(passkey, Passkey):
+        raise ValueError(f"evaluate: `passkey` must be None or a Passkey (@tasks.Passkey()), "
+                         f"got {passkey!r}")
     t0 = time.perf_counter()
     source = checkpoint_workdir or workdir
     with open(os.path.join(source, "run.json")) as f:
@@ -177,7 +181,7 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
         length_unit = (model.config.segment_len if isinstance(model, memory.HMT)
                        else train_seq_len)
     lengths = [length_unit * m for m in length_multipliers]
-    docs = data.validation_documents()
+    docs = validation_documents(data)
     tokens = np.concatenate(docs)[:max(max_tokens, max(lengths) + 1)]
     nll = np.full((len(lengths), max(lengths)), np.nan)
     losses = []
@@ -186,25 +190,27 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
         nll[i, :length] = curve
         losses.append(float(curve.mean()))
         log.info("L=%d loss %.4f (%.0fs)", length, losses[-1], time.perf_counter() - t0)
-    passkey, pk_lengths = None, [length_unit * m for m in passkey_multipliers]
-    if passkey_trials:
-        passkey = passkey_accuracy(model, pk_lengths, list(passkey_depths), passkey_trials,
-                                   attention_override)
+    grid = passkey if passkey is not None and passkey.trials else None
+    accuracy, pk_lengths = None, [length_unit * m for m in (grid.multipliers if grid else ())]
+    if grid:
+        accuracy = passkey_accuracy(model, pk_lengths, list(grid.depths), grid.trials,
+                                    attention_override)
     os.makedirs(workdir, exist_ok=True)
     zarr = os.path.join(workdir, f"{output_name}.zarr")
     _write_zarr(zarr, "loss", np.asarray(losses))
     _write_zarr(zarr, "nll_by_position", nll)
-    if passkey is not None:
-        _write_zarr(zarr, "passkey_accuracy", passkey)
+    if accuracy is not None:
+        _write_zarr(zarr, "passkey_accuracy", accuracy)
     result = {"checkpoint": os.path.abspath(checkpoint_workdir or workdir), "step": int(step),
               "attention_override": repr(attention_override), "lengths": lengths,
               "length_unit": length_unit,
               "loss": {str(length): loss for length, loss in zip(lengths, losses)},
-              "passkey": None if passkey is None else {
-                  "lengths": pk_lengths, "depths": list(passkey_depths),
-                  "accuracy": passkey.tolist(), "trials": passkey_trials},
+              "passkey": None if accuracy is None else {
+                  "lengths": pk_lengths, "depths": list(grid.depths),
+                  "accuracy": accuracy.tolist(), "trials": grid.trials},
               "seconds": time.perf_counter() - t0}
-    _plots(workdir, output_name, lengths, losses, nll, list(passkey_depths), passkey)
+    _plots(workdir, output_name, lengths, losses, nll, list(grid.depths) if grid else [],
+           accuracy)
     with open(os.path.join(workdir, f"{output_name}.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -219,7 +225,7 @@ def main(argv, bindings):
     config = os.path.join(configurables.WORKDIR.value, "config.gin")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"--workdir: {config} not found; train first")
-    configurables.parse([config] + list(configurables.GIN_FILES.value), bindings)
+    configurables.parse(configurables.GIN_FILES.value, bindings, run_config=config)
     print(json.dumps(evaluate(configurables.WORKDIR.value), indent=1))
 
 

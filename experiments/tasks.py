@@ -30,15 +30,37 @@ the key's value and ``loss_mask[q] = 1``; everywhere else ``targets = 0`` and ``
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from experiments.data import encode
+from lcattn import checks
 
 PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
           "memorize them. I will quiz you about the important information there.")
 FILLER_UNIT = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                "There and back again.")
 QUERY = "What is the pass key? The pass key is"
+
+
+@dataclasses.dataclass(frozen=True)
+class Passkey:
+    """The passkey grid of an evaluation: ``trials`` prompts per (length, depth) cell, at
+    lengths ``multipliers x`` the evaluation's length unit and needle ``depths`` in [0, 1];
+    ``trials=0`` skips it. Registered with gin as ``tasks.Passkey``."""
+
+    depths: tuple = (0.1, 0.5, 0.9)
+    trials: int = 2
+    multipliers: tuple = (2, 4, 8)
+
+    def __post_init__(self):
+        checks.integer("Passkey", "trials", self.trials, minimum=0)
+        if any(not checks.is_int(m) or m < 1 for m in self.multipliers):
+            raise ValueError(f"Passkey: `multipliers` must be integers >= 1, got "
+                             f"{self.multipliers!r}")
+        if any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError(f"Passkey: `depths` must lie in [0, 1], got {self.depths!r}")
 
 
 def _needle(key: str) -> str:

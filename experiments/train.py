@@ -22,7 +22,6 @@ if __name__ == "__main__":  # run the importable module, so gin sees one copy of
     run()
     raise SystemExit(0)
 
-import inspect
 import json
 import logging
 import os
@@ -37,78 +36,66 @@ import orbax.checkpoint as ocp
 from absl import app
 from flax import nnx
 
-from experiments import configurables, data
+from experiments import configurables
+from experiments import data as data_lib
+from experiments.data import DataConfig
+from lcattn import checks
 from lcattn.layers import Mamba2Config
 from lcattn.memory import HMT, HMTConfig
 from lcattn.model import DecoderLM
-from lcattn.ssm import SSMOptions
 
 log = logging.getLogger("lcattn.train")
+_GIN_NAMES = {Mamba2Config: "layers.Mamba2Config", HMTConfig: "memory.HMTConfig"}
 
 
 @gin.configurable
 def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int | None = None, head_dim: int | None = None,
-                mlp_dim: int | None = None, layer_pattern=None, layer_cycle=None,
-                attention_spec=None, attention_specs=None, tie_embeddings: bool = True,
-                backend: str = "auto", mamba2_head_dim: int | None = None,
-                mamba2_state_dim: int = 64, mamba2_expand: int = 2, mamba2_num_groups: int = 1,
-                mamba2_conv_width: int = 4, mamba2_chunk_size: int = 64,
-                mamba2_impl: str = "auto", ssm_decay_scale: float = 1.0,
-                ssm_input_scale: float = 1.0, ssm_input_clip: float | None = None,
-                ssm_state_clip: float | None = None, ssm_window: int | None = None,
-                memory: HMTConfig | None = None, seed: int = 0) -> DecoderLM | HMT:
-    """A ``DecoderLM``; ``attention_spec`` applies to every attention layer unless
-    ``attention_specs`` gives one per layer. Defaults: ``head_dim = d_model // num_heads``,
-    ``mlp_dim = 4 * d_model``, ``layer_pattern = ("attn",) * num_layers``.
+                mlp_dim: int | None = None, layer_pattern=("attn",), attention_specs=None,
+                tie_embeddings: bool = True, backend: str = "auto",
+                mamba2: Mamba2Config | None = None, memory: HMTConfig | None = None,
+                seed: int = 0) -> DecoderLM | HMT:
+    """A ``DecoderLM`` of ``num_layers`` layers (``lcattn.model``), optionally inside HMT.
 
-    ``layer_cycle`` (instead of ``layer_pattern``) repeats a short pattern to ``num_layers``
-    layers, e.g. ``("mamba2", "attn")``, so one mixer file fits every model size.
-    ``mamba2_*`` size the ``"mamba2"`` layers (``lcattn.layers.Mamba2Config``;
-    ``mamba2_head_dim`` defaults to ``mamba2_expand * d_model // num_heads``, i.e. as many SSM
-    heads as attention heads) and ``ssm_*`` are the training-free state-collapse mitigations
-    (``lcattn.ssm.SSMOptions``: ``decay_scale``, ``input_scale``, ``input_clip``,
-    ``state_clip``, ``window``), so an evaluation can rebind them on a trained checkpoint.
+    Defaults: ``num_kv_heads = num_heads``, ``head_dim = d_model // num_heads``,
+    ``mlp_dim = 4 * d_model``.
 
-    ``memory``: an ``lcattn.memory.HMTConfig`` wraps the decoder in ``lcattn.memory.HMT``
-    (segment recurrence with hierarchical memory; ``configs/memory/hmt.gin``); None: the
-    plain decoder. The decoder's parameters are drawn first, so they do not depend on it.
+    Args:
+      layer_pattern: mixer names (``lcattn.model.MIXERS``: ``"attn"``, ``"mamba2"``) repeated
+        up to ``num_layers`` (its length must divide ``num_layers``), e.g.
+        ``("mamba2", "attn")``, so one mixer file fits every model size.
+      attention_specs: None (``AttentionSpec()``), one ``AttentionSpec`` for every attention
+        layer, or one entry per layer.
+      backend: the attention layers' ``lcattn.attend`` backend (``lcattn.backends``).
+      mamba2: sizes and state-collapse mitigations of the ``"mamba2"`` layers
+        (``@layers.Mamba2Config()`` with ``options = @ssm.SSMOptions()``); None: the defaults.
+        Its ``head_dim=None`` means as many SSM heads as attention heads. An evaluation can
+        rebind ``ssm.SSMOptions`` on a trained checkpoint (training-free mitigations).
+      memory: an ``lcattn.memory.HMTConfig`` wraps the decoder in ``lcattn.memory.HMT``
+        (``configs/memory/hmt.gin``); None: the plain decoder. The decoder's parameters are
+        drawn first, so they do not depend on it.
+      seed: parameter initialization.
     """
+    checks.integer("build_model", "num_layers", num_layers)
     if d_model % num_heads:
         raise ValueError(f"build_model: d_model ({d_model}) must be divisible by num_heads "
                          f"({num_heads}) unless head_dim is given")
-    if layer_cycle is not None:
-        if layer_pattern is not None:
-            raise ValueError("build_model: give `layer_pattern` or `layer_cycle`, not both")
-        if isinstance(layer_cycle, str) or not layer_cycle or num_layers % len(layer_cycle):
-            raise ValueError(f"build_model: `layer_cycle` must be a non-empty tuple of mixer "
-                             f"names whose length divides num_layers ({num_layers}), got "
-                             f"{layer_cycle!r}")
-        layer_pattern = tuple(layer_cycle) * (num_layers // len(layer_cycle))
-    if mamba2_head_dim is None:
-        if (mamba2_expand * d_model) % num_heads:
-            raise ValueError(f"build_model: mamba2_expand * d_model ({mamba2_expand * d_model})"
-                             f" must be divisible by num_heads ({num_heads}) unless "
-                             "mamba2_head_dim is given")
-        mamba2_head_dim = mamba2_expand * d_model // num_heads
-    options = SSMOptions(decay_scale=ssm_decay_scale, input_scale=ssm_input_scale,
-                         input_clip=ssm_input_clip, state_clip=ssm_state_clip,
-                         window=ssm_window)
-    mamba2 = Mamba2Config(head_dim=mamba2_head_dim, state_dim=mamba2_state_dim,
-                          expand=mamba2_expand, num_groups=mamba2_num_groups,
-                          conv_width=mamba2_conv_width, chunk_size=mamba2_chunk_size,
-                          options=options, impl=mamba2_impl)
-    if memory is not None and not isinstance(memory, HMTConfig):
-        raise ValueError(f"build_model: `memory` must be None or an HMTConfig "
-                         f"(@memory.HMTConfig()), got {memory!r}")
+    if isinstance(layer_pattern, str) or not layer_pattern or num_layers % len(layer_pattern):
+        raise ValueError(f"build_model: `layer_pattern` must be a non-empty tuple of mixer "
+                         f"names whose length divides num_layers ({num_layers}), got "
+                         f"{layer_pattern!r}")
+    for name, value, kind in (("mamba2", mamba2, Mamba2Config), ("memory", memory, HMTConfig)):
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"build_model: `{name}` must be None or a {kind.__name__} "
+                             f"(@{_GIN_NAMES[kind]}()), got {value!r}")
     rngs = nnx.Rngs(seed)
     model = DecoderLM(
         vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
         num_kv_heads=num_kv_heads or num_heads, head_dim=head_dim or d_model // num_heads,
         mlp_dim=mlp_dim or 4 * d_model,
-        layer_pattern=tuple(layer_pattern or ("attn",) * num_layers),
-        attention_specs=attention_specs if attention_specs is not None else attention_spec,
-        tie_embeddings=tie_embeddings, backend=backend, mamba2=mamba2, rngs=rngs)
+        layer_pattern=tuple(layer_pattern) * (num_layers // len(layer_pattern)),
+        attention_specs=attention_specs, tie_embeddings=tie_embeddings, backend=backend,
+        mamba2=mamba2, rngs=rngs)
     return model if memory is None else HMT(model, memory, rngs=rngs)
 
 
@@ -146,12 +133,6 @@ def lm_loss(logits, batch):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _check_positive(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"train: `{name}` must be > 0, got {value!r}")
-
-
 class _Metrics:
     """``metrics.jsonl``, truncated to ``step <= start`` when a run resumes."""
 
@@ -178,36 +159,41 @@ def _progress(step, num_steps, start, t0, loss, tokens_per_sec):
 
 
 @gin.configurable
-def train(workdir: str, *, num_steps: int = 300, batch_size: int = 16, seq_len: int = 128,
+def train(workdir: str, *, data: DataConfig = DataConfig(), num_steps: int = 300,
+          batch_size: int = 16, seq_len: int = 128,
           learning_rate: float = 3e-3, warmup_steps: int = 30, end_lr_fraction: float = 0.1,
           weight_decay: float = 0.1, grad_clip: float = 1.0, checkpoint_every: int = 100,
           keep_checkpoints: int = 2, log_every: int = 10, seed: int = 0,
           stop_at_step: int | None = None) -> dict:
-    """Train ``build_model()`` on ``data.make_iterator("train", ...)``; returns the last metrics.
+    """Train ``build_model()`` on ``data``'s training split; returns the last metrics.
 
-    ``stop_at_step`` simulates a preemption: stop after that step without a final checkpoint.
+    ``data``: the corpus and pipeline (``experiments.data.DataConfig``; gin:
+    ``train.data = @data.DataConfig()``). ``stop_at_step`` simulates a preemption: stop after
+    that step without a final checkpoint.
     """
-    _check_positive(num_steps=num_steps, batch_size=batch_size, seq_len=seq_len,
-                    learning_rate=learning_rate, checkpoint_every=checkpoint_every,
-                    keep_checkpoints=keep_checkpoints, log_every=log_every)
+    for name, value in (("num_steps", num_steps), ("batch_size", batch_size),
+                        ("seq_len", seq_len), ("checkpoint_every", checkpoint_every),
+                        ("keep_checkpoints", keep_checkpoints), ("log_every", log_every)):
+        checks.integer("train", name, value)
+    checks.positive("train", "learning_rate", learning_rate)
     if not 0 <= warmup_steps < num_steps:
         raise ValueError(f"train: `warmup_steps` must be in [0, num_steps={num_steps}), "
                          f"got {warmup_steps}")
     model = build_model()
-    if isinstance(model, HMT):
-        packing = gin.get_bindings(data.make_iterator).get(
-            "packing", inspect.signature(data.make_iterator).parameters["packing"].default)
-        if packing != "chunk":
-            raise ValueError(f"train: an HMT model reads each row as one stream; set "
-                             f"make_iterator.packing = 'chunk' (got {packing!r}; "
-                             "configs/memory/hmt.gin sets it)")
-    iterator = data.make_iterator("train", seq_len=seq_len, batch_size=batch_size, seed=seed)
+    if not isinstance(data, DataConfig):
+        raise ValueError(f"train: `data` must be a DataConfig (@data.DataConfig()), got "
+                         f"{data!r}")
+    if isinstance(model, HMT) and data.packing != "chunk":
+        raise ValueError(f"train: an HMT model reads each row as one stream; set "
+                         f"data.DataConfig.packing = 'chunk' (got {data.packing!r}; "
+                         "configs/memory/hmt.gin sets it)")
+    iterator = data.iterator("train", seq_len=seq_len, batch_size=batch_size, seed=seed)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.gin"), "w") as f:
         f.write(gin.operative_config_str())
     with open(os.path.join(workdir, "run.json"), "w") as f:
         json.dump({"seq_len": seq_len, "batch_size": batch_size, "num_steps": num_steps}, f)
-    data.write_manifest(workdir, data.corpus_manifest())
+    data_lib.write_manifest(workdir, data_lib.corpus_manifest(data))
 
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps, num_steps, learning_rate * end_lr_fraction)
@@ -241,7 +227,7 @@ def train(workdir: str, *, num_steps: int = 300, batch_size: int = 16, seq_len: 
                 rng=ocp.args.StandardRestore({"key": rng}), data=ocp.args.JsonRestore()))
             params, opt_state = restored.params, restored.opt_state
             rng = restored.rng["key"]
-            iterator.set_state(data.decode_state(restored.data))
+            iterator.set_state(data_lib.decode_state(restored.data))
             log.info("resumed from step %d in %s", start, ckpt_dir)
         metrics = _Metrics(os.path.join(workdir, "metrics.jsonl"), start)
 
@@ -249,7 +235,7 @@ def train(workdir: str, *, num_steps: int = 300, batch_size: int = 16, seq_len: 
             manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                 rng=ocp.args.StandardSave({"key": rng}),
-                data=ocp.args.JsonSave(data.encode_state(iterator.get_state()))))
+                data=ocp.args.JsonSave(data_lib.encode_state(iterator.get_state()))))
 
         row, t0, t_last = {}, time.perf_counter(), time.perf_counter()
         for step in range(start + 1, num_steps + 1):

@@ -9,7 +9,6 @@ import json
 import os
 import pathlib
 
-import gin
 import numpy as np
 import pytest
 
@@ -105,7 +104,7 @@ def test_pack_one_epoch_yields_exactly_the_document_pieces(split):
 def test_splits_are_disjoint_by_file_and_cover_the_corpus():
     train, val = split_docs("train"), split_docs("validation")
     assert not set(train) & set(val) and set(train) | set(val) == set(fixture_files())
-    docs = data.validation_documents(str(FIXTURE), val_every=VAL_EVERY)
+    docs = data.validation_documents(data.DataConfig(str(FIXTURE), val_every=VAL_EVERY))
     assert all(d.dtype == np.int32 for d in docs)
     assert [d.astype(np.uint8).tobytes() for d in docs] == list(val.values())
     # no training piece comes from a validation-only file (checked on the piece multisets)
@@ -188,7 +187,7 @@ def test_training_repeats_forever():
 
 def test_text_file_source_and_glob():
     story = FIXTURE / "story.txt"
-    docs = data.validation_documents(str(story))
+    docs = data.validation_documents(data.DataConfig(str(story)))
     assert len(docs) == 1 and docs[0].astype(np.uint8).tobytes() == story.read_bytes()
     corpus = data.load_corpus(str(FIXTURE), glob="*.py")
     assert list(corpus.names) == [n for n in fixture_files() if n.endswith(".py")]
@@ -203,7 +202,7 @@ def test_caps_keep_a_sorted_prefix():
 
 
 def test_manifest(tmp_path):
-    manifest = data.corpus_manifest(str(FIXTURE), val_every=VAL_EVERY)
+    manifest = data.corpus_manifest(data.DataConfig(str(FIXTURE), val_every=VAL_EVERY))
     blob = b"".join((FIXTURE / n).read_bytes() for n in fixture_files())
     assert manifest["sha256"] == hashlib.sha256(blob).hexdigest()
     assert manifest["files"] == len(fixture_files()) and manifest["bytes"] == len(blob)
@@ -212,16 +211,16 @@ def test_manifest(tmp_path):
     assert path.endswith("corpus.json") and json.loads(pathlib.Path(path).read_text()) == manifest
 
 
-def test_manifest_and_validation_documents_follow_make_iterator_bindings():
-    gin.parse_config(f"make_iterator.source = '{FIXTURE}'\nmake_iterator.val_every = {VAL_EVERY}")
-    try:
-        assert data.corpus_manifest() == data.corpus_manifest(str(FIXTURE), val_every=VAL_EVERY)
-        docs = data.validation_documents()
-        assert len(docs) == len(split_docs("validation"))
-        assert data.corpus_manifest(max_files=2)["files"] == 2  # explicit arguments win
-    finally:
-        gin.clear_config()
+def test_data_config_drives_iterator_manifest_and_validation_documents():
+    config = data.DataConfig(str(FIXTURE), val_every=VAL_EVERY)
+    assert data.corpus_manifest(config)["validation_files"] == len(split_docs("validation"))
+    assert data.corpus_manifest(data.DataConfig(str(FIXTURE), max_files=2))["files"] == 2
     assert data.corpus_manifest()["source"] == "stdlib"
+    got = take(config.iterator("train", seq_len=L, batch_size=B, seed=4), 3)
+    want = take(data.make_iterator("train", seed=4, **KW), 3)
+    assert_batches_equal(got, want)
+    with pytest.raises(ValueError, match="DataConfig: `packing`.*'pack', 'chunk'"):
+        data.DataConfig(packing="zip")
 
 
 def test_state_encoding_is_plain_json():

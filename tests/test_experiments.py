@@ -12,11 +12,11 @@ from lcattn.memory import HMT
 
 ROOT = configurables.REPO_ROOT
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "corpus")
-SMALL = [f"make_iterator.source = '{FIXTURE}'", "make_iterator.val_every = 3", "SEQ_LEN = 16",
+SMALL = [f"data.DataConfig.source = '{FIXTURE}'", "data.DataConfig.val_every = 3", "SEQ_LEN = 16",
          "train.batch_size = 4", "train.warmup_steps = 2", "train.log_every = 1",
          "build_model.d_model = 32", "build_model.num_heads = 2", "build_model.num_kv_heads = 1",
          "build_model.mlp_dim = 64", "evaluate.length_multipliers = (1, 2, 4)",
-         "evaluate.passkey_trials = 0", "evaluate.max_tokens = 2000"]
+         "tasks.Passkey.trials = 0", "evaluate.max_tokens = 2000"]
 BASE = ["configs/base.gin", "configs/models/tiny.gin", "configs/attention/softmax_rope.gin"]
 
 
@@ -56,10 +56,11 @@ def test_every_gin_file_parses_binds_and_states_its_command(path):
     (["train.no_such_param = 3"], ValueError, "no_such_param"),
     (["no_such_configurable.x = 3"], ValueError, "no_such_configurable"),
     (["train.num_steps = -1"], ValueError, "num_steps"),
-    (["make_iterator.packing = 'zip'"], ValueError, "packing"),
+    (["data.DataConfig.packing = 'zip'"], ValueError, "packing"),
+    (["build_model.ssm_window = 4"], ValueError, "moved to `ssm.SSMOptions.window`"),
     (["build_model.memory = @memory.HMTConfig()", "memory.HMTConfig.segment_len = 8",
       "memory.HMTConfig.sensory_len = 0", "memory.HMTConfig.num_memories = 1"], ValueError,
-     "make_iterator.packing = 'chunk'"),
+     "data.DataConfig.packing = 'chunk'"),
     (["build_model.memory = @memory.HMTConfig()", "memory.HMTConfig.segment_len = 8",
       "memory.HMTConfig.sensory_len = 8", "memory.HMTConfig.num_memories = 1"], ValueError,
      "sensory_len"),
@@ -113,9 +114,9 @@ def test_hmt_trains_resumes_and_evaluates_through_the_recurrence(tmp_path):
     train_lib.train(str(tmp_path / "resumed"))
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")  # bitwise
     configurables.parse(files, HMT_SMALL + ["evaluate.length_multipliers = (1, 3)",
-                                            "evaluate.passkey_trials = 1",
-                                            "evaluate.passkey_depths = (0.5,)",
-                                            "evaluate.passkey_multipliers = (16,)"])
+                                            "tasks.Passkey.trials = 1",
+                                            "tasks.Passkey.depths = (0.5,)",
+                                            "tasks.Passkey.multipliers = (16,)"])
     result = evaluate_lib.evaluate(str(tmp_path / "resumed"))
     # lengths are multiples of the 16-token segment (not of the 48-token training rows), and
     # the 256-token passkey prompt spans 16 segments

@@ -168,17 +168,23 @@ def test_bad_layer_sizes_raise():
         Mamba2(D, CFG, rngs=nnx.Rngs(0)).extend(jnp.zeros((1, 1, D)), cache=None)
 
 
-def test_build_model_layer_cycle_and_ssm_options():
+def test_build_model_repeats_the_pattern_and_takes_the_mamba2_group():
+    options = ssm.SSMOptions(decay_scale=1.5, window=64)
     model = train_lib.build_model(vocab_size=V, d_model=16, num_heads=2, num_layers=4,
-                                  mlp_dim=16, layer_cycle=("mamba2", "attn"),
-                                  mamba2_state_dim=8, ssm_window=64, ssm_decay_scale=1.5)
+                                  mlp_dim=16, layer_pattern=("mamba2", "attn"),
+                                  mamba2=Mamba2Config(state_dim=8, options=options))
     assert model.layer_pattern == ("mamba2", "attn") * 2
     mixer = model.blocks[0].mixer
+    # head_dim=None: as many SSM heads (2) as attention heads, width expand * 16 / 2
     assert mixer.w_x.shape == (16, 2, 16) and mixer.w_b.shape == (16, 1, 8)
-    assert mixer.config.options == ssm.SSMOptions(decay_scale=1.5, window=64)
-    with pytest.raises(ValueError, match="layer_cycle.*divides num_layers"):
-        train_lib.build_model(num_layers=3, layer_cycle=("mamba2", "attn"))
-    with pytest.raises(ValueError, match="not both"):
-        train_lib.build_model(layer_pattern=("attn",), layer_cycle=("attn",))
-    with pytest.raises(ValueError, match="input_clip"):
-        train_lib.build_model(layer_cycle=("mamba2",), ssm_input_clip=0)
+    assert mixer.config.head_dim == 16 and mixer.config.options == options
+    with pytest.raises(ValueError, match="layer_pattern.*divides num_layers"):
+        train_lib.build_model(num_layers=3, layer_pattern=("mamba2", "attn"))
+    with pytest.raises(ValueError, match="mamba2.*Mamba2Config"):
+        train_lib.build_model(layer_pattern=("mamba2",), mamba2=options)
+    with pytest.raises(ValueError, match="head_dim=None.*3 \\* 16.*multiple of 5"):
+        DecoderLM(vocab_size=V, d_model=16, num_heads=5, num_kv_heads=5, head_dim=4,
+                  mlp_dim=8, layer_pattern=("mamba2",), mamba2=Mamba2Config(expand=3),
+                  rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="Mamba2: `config.head_dim` is None"):
+        Mamba2(D, Mamba2Config(), rngs=nnx.Rngs(0))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,13 +62,13 @@ def main(argv):
     del argv
     configurables.setup_logging()
     workdir = configurables.WORKDIR.value
-    configurables.parse([os.path.join(workdir, "config.gin")], [])
+    configurables.parse([], [], run_config=os.path.join(workdir, "config.gin"))
     model, step = restore_model(workdir)
     if not isinstance(model, HMT) or not model.config.recall:
         raise app.UsageError("--workdir must hold an HMT model with recall=True")
     size, j = model.config.segment_len, model.config.summary_tokens
     length, num = _LENGTH.value, _NUM.value
-    tokens = np.concatenate(data.validation_documents())
+    tokens = np.concatenate(data.validation_documents(gin.get_configurable(data.DataConfig)()))
     seqs = np.stack([tokens[i * length:(i + 1) * length + 1] for i in range(num)])
     inputs, targets = jnp.asarray(seqs[:, :-1]), jnp.asarray(seqs[:, 1:])
     graphdef, params = nnx.split(model)
