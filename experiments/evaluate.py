@@ -216,8 +216,6 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
     return result
 
 
-
-
 def main(argv, bindings):
     del argv
     if not configurables.WORKDIR.value:

@@ -146,8 +146,6 @@ def sweep(*, name: str = "quick", base_gin=(), variants=gin.REQUIRED, workdir: s
     return results
 
 
-
-
 def main(argv, bindings):
     del argv
     configurables.parse(configurables.GIN_FILES.value or [DEFAULT_SWEEP], bindings)

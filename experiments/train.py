@@ -266,8 +266,6 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), num_steps: int = 300
     return row
 
 
-
-
 def main(argv, bindings):
     del argv
     if not configurables.WORKDIR.value:
