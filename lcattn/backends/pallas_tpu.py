@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from lcattn.positions import alibi_bias
 from pallas_kernels import tpu
+from pallas_kernels.block_sizes import BlockSizes
 
 
 def resolve_interpret(interpret):
@@ -19,8 +20,10 @@ def resolve_interpret(interpret):
     return jax.default_backend() != "tpu" if interpret is None else interpret
 
 
-def pass_fn(block_sizes=None, interpret=None):
-    """A ``streaming_attend`` pass through the Mosaic TPU kernels."""
+def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
+    """A ``streaming_attend`` pass through the Mosaic TPU kernels, tiled by
+    ``BlockSizes.of(block_sizes)`` (forward kernel: ``.forward``; dQ, dK/dV: ``.backward``)."""
+    blocks = BlockSizes.of(block_sizes)
     interpret = resolve_interpret(interpret)
 
     def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
@@ -34,7 +37,7 @@ def pass_fn(block_sizes=None, interpret=None):
             {n: jnp.swapaxes(c, 1, 2) for n, c in ctx.items()}, mask=mask,
             normalizer=normalizer, pass_idx=pass_idx, q_positions=q_pos, k_positions=k_pos,
             q_segment_ids=q_seg, kv_segment_ids=kv_seg, bias=kernel_bias,
-            block_sizes=block_sizes, interpret=interpret)
+            block_sizes=blocks, interpret=interpret)
         return heads_first(out), jnp.swapaxes(lse, 1, 2)
 
     return run

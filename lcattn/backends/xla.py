@@ -12,7 +12,10 @@ The backward pass is a ``custom_vjp`` in the FlashAttention style: it recomputes
 tile from the saved ``lse`` and forms ``ds = dt/ds * P * (dP - D + dlse)`` (``D = rowsum(dO * O)``),
 taking ``dt/ds`` (and the gradient into the row context) with ``jax.vjp`` of the normalizer's
 ``log_weight``, so every normalizer gets an exact gradient without its own backward code.
-Sequences that are not a multiple of the block are padded; padded keys are masked out.
+The ``custom_vjp`` takes the padded ``[B, T, H, D]`` arrays: the forward rule tiles them with
+``BlockSizes.forward``, the backward rule with ``BlockSizes.backward``. Sequences are padded to
+a length both tilings divide (``pallas_kernels.block_sizes.tilings``); padded keys are masked
+out.
 """
 from __future__ import annotations
 
@@ -21,13 +24,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lcattn.positions import alibi_bias
 from pallas_kernels import block_sparse
+from pallas_kernels.block_sizes import BlockSizes, tilings
 from pallas_kernels.block_sparse import pad_axis
-
-DEFAULT_BLOCKS = (512, 512)
 
 
 class _Config(NamedTuple):
@@ -37,6 +38,8 @@ class _Config(NamedTuple):
     with_values: bool
     with_bias: bool
     with_segments: bool
+    forward: tuple[int, int]  # (bq, bk) of the forward tiling
+    backward: tuple[int, int]  # (bq, bk) of the backward tiling
 
 
 def _swap(x):
@@ -76,19 +79,8 @@ def _forward(cfg: _Config, q, k, v, ctx, aux):
     return jax.lax.map(per_q_block, (jnp.arange(q.shape[0]), q, ctx))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pass(cfg, q, k, v, ctx, aux):
-    return _forward(cfg, q, k, v, ctx, aux)
-
-
-def _pass_fwd(cfg, q, k, v, ctx, aux):
-    out, lse = _forward(cfg, q, k, v, ctx, aux)
-    return (out, lse), (q, k, v, ctx, aux, out, lse)
-
-
-def _pass_bwd(cfg, res, cts):
-    q, k, v, ctx, aux, out, lse = res
-    dout, dlse = cts
+def _backward(cfg: _Config, q, k, v, ctx, aux, out, lse, dout, dlse):
+    """Blocked ``(dq, dk, dv, dctx)`` (float32) from the blocked residuals and cotangents."""
     norm = cfg.normalizer
     if cfg.with_values:
         row_dot = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)
@@ -126,74 +118,128 @@ def _pass_bwd(cfg, res, cts):
     dout_f = dout if cfg.with_values else jnp.zeros(lse.shape + (0,), jnp.float32)
     (dk, dv), (dq, dctx) = jax.lax.scan(
         per_q_block, carry, (jnp.arange(q.shape[0]), q, ctx, dout_f, lse, row_dot, dlse))
-    dv = dv.astype(v.dtype) if cfg.with_values else None
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv, dctx, None
+    return dq, dk, dv, dctx
 
 
-_pass.defvjp(_pass_fwd, _pass_bwd)
-
-
-def _q_rows(x, nq, bq, hk, g):
+# -- layouts: padded [B, T, H, ...] <-> blocked ---------------------------------------------
+def _q_rows(x, bq, hk):
     """``[B, Tq_pad, Hq, ...]`` -> ``[nq, B, Hkv, G*bq, ...]`` (rows ordered group-major)."""
-    b, rest = x.shape[0], x.shape[3:]
+    b, t, hq, rest = x.shape[0], x.shape[1], x.shape[2], x.shape[3:]
+    nq, g = t // bq, hq // hk
     x = x.reshape((b, nq, bq, hk, g) + rest)
     x = jnp.moveaxis(x, (1, 3, 4), (0, 2, 3))
     return x.reshape((nq, b, hk, g * bq) + rest)
 
 
-def pass_fn(block_sizes=None):
-    """A ``streaming_attend`` pass using blocks ``(block_q, block_k)`` (default 512, 512)."""
-    block_q, block_k = block_sizes or DEFAULT_BLOCKS
-    for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
-            raise ValueError(f"`block_sizes`: {name} must be an integer >= 1, got {b!r}")
+def _q_unrows(x, hq):
+    """``[nq, B, Hkv, G*bq, ...]`` -> ``[B, Tq_pad, Hq, ...]`` (inverse of ``_q_rows``)."""
+    nq, b, hk, rows, rest = x.shape[0], x.shape[1], x.shape[2], x.shape[3], x.shape[4:]
+    g = hq // hk
+    x = x.reshape((nq, b, hk, g, rows // g) + rest)
+    return jnp.moveaxis(x, (0, 2, 3), (1, 3, 4)).reshape((b, nq * rows // g, hq) + rest)
+
+
+def _k_blocks(x, bk):
+    """``[B, Tk_pad]`` -> ``[nk, B, bk]``; ``[B, Tk_pad, H, D]`` -> ``[nk, B, H, bk, D]``."""
+    x = jnp.asarray(x)
+    x = x.reshape((x.shape[0], x.shape[1] // bk, bk) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0) if x.ndim == 3 else jnp.moveaxis(x, (1, 3), (0, 2))
+
+
+def _k_unblocks(x):
+    """``[nk, B, H, bk, D]`` -> ``[B, Tk_pad, H, D]`` (inverse of ``_k_blocks``)."""
+    nk, b, h, bk, d = x.shape
+    return jnp.moveaxis(x, (0, 2), (1, 3)).reshape(b, nk * bk, h, d)
+
+
+def _blocked(tiling, hk, q, k, v, ctx):
+    """q, k, v ``[B, T, H, D]`` and ctx ``{name: [B, Tq, Hq]}`` in the blocked layout."""
+    bq, bk = tiling
+    return (_q_rows(q, bq, hk), _k_blocks(k, bk), None if v is None else _k_blocks(v, bk),
+            {n: _q_rows(c[..., None], bq, hk) for n, c in ctx.items()})
+
+
+# -- the custom_vjp over padded arrays -------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pass(cfg, q, k, v, ctx, aux_fwd, aux_bwd):
+    """``(out [B, Tq_pad, Hq, Dv] or None, lse [B, Tq_pad, Hq])`` of padded q, k, v."""
+    return _pass_fwd(cfg, q, k, v, ctx, aux_fwd, aux_bwd)[0]
+
+
+def _pass_fwd(cfg, q, k, v, ctx, aux_fwd, aux_bwd):
+    hq, hk = q.shape[2], k.shape[2]
+    out, lse = _forward(cfg, *_blocked(cfg.forward, hk, q, k, v, ctx), aux_fwd)
+    out = None if out is None else _q_unrows(out, hq)
+    lse = _q_unrows(lse, hq)
+    return (out, lse), (q, k, v, ctx, aux_bwd, out, lse)
+
+
+def _pass_bwd(cfg, res, cts):
+    q, k, v, ctx, aux, out, lse = res
+    dout, dlse = cts
+    hq, hk = q.shape[2], k.shape[2]
+    bq = cfg.backward[0]
+    rows = lambda x: None if x is None else _q_rows(x, bq, hk)  # noqa: E731
+    dq, dk, dv, dctx = _backward(cfg, *_blocked(cfg.backward, hk, q, k, v, ctx), aux, rows(out),
+                                 rows(lse), rows(dout), rows(dlse))
+    dv = _k_unblocks(dv).astype(v.dtype) if cfg.with_values else None
+    dctx = {n: _q_unrows(c, hq)[..., 0] for n, c in dctx.items()}
+    return (_q_unrows(dq, hq).astype(q.dtype), _k_unblocks(dk).astype(k.dtype), dv, dctx,
+            None, None)
+
+
+_pass.defvjp(_pass_fwd, _pass_bwd)
+
+
+def _aux(mask, tiling, tk, g, qp, kp, qs, ks, bias):
+    """Block lists and blocked positions / segments / ALiBi inputs of one tiling."""
+    bq, bk = tiling
+    b, lk = kp.shape
+    lists = block_sparse.block_lists(block_sparse.tile_classes(mask, qp, kp, bq, bk, qs, ks))
+
+    def q_rows_pos(p):  # [B, Tq_pad] -> [nq, B, G*bq]
+        p = jnp.asarray(p)
+        return jnp.tile(jnp.moveaxis(p.reshape(b, p.shape[1] // bq, bq), 1, 0), (1, 1, g))
+
+    aux = {"kv_index": jnp.asarray(lists.kv_index), "kv_count": jnp.asarray(lists.kv_count),
+           "q_pos": q_rows_pos(qp), "k_pos": _k_blocks(kp, bk),
+           "k_valid": jnp.arange(lk).reshape(lk // bk, bk) < tk}
+    if qs is not None:
+        aux["q_seg"], aux["k_seg"] = q_rows_pos(qs), _k_blocks(ks, bk)
+    if bias is not None:
+        qe, ke, slopes = bias
+        aux["q_bias"], aux["k_bias"] = q_rows_pos(qe), _k_blocks(ke, bk)
+        aux["slopes"] = jnp.repeat(jnp.asarray(slopes, jnp.float32).reshape(-1, g), bq, axis=1)
+    return aux
+
+
+def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
+    """A ``streaming_attend`` pass tiled by ``BlockSizes.of(block_sizes)`` (default 512 x 512).
+
+    ``interpret`` is accepted so every backend factory has the same signature, and ignored:
+    this backend is plain XLA and runs natively on every platform.
+    """
+    del interpret
+    blocks = BlockSizes.of(block_sizes)
 
     def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
-        b, tq, hq, d = q.shape
-        tk, hk = k.shape[1], k.shape[2]
-        g = hq // hk
-        bq, bk = min(block_q, tq), min(block_k, tk)
-        nq, nk = -(-tq // bq), -(-tk // bk)
-        tqp, tkp = nq * bq, nk * bk
-        qp, kp = pad_axis(q_pos, tqp, 1, edge=True), pad_axis(k_pos, tkp, 1, edge=True)
-        qs = None if q_seg is None else pad_axis(q_seg, tqp, 1, edge=True)
-        ks = None if kv_seg is None else pad_axis(kv_seg, tkp, 1, edge=True)
-        lists = block_sparse.block_lists(
-            block_sparse.tile_classes(mask, qp, kp, bq, bk, qs, ks))
-
-        def q_rows_pos(p):  # [B, Tq_pad] -> [nq, B, G*bq]
-            return jnp.tile(jnp.moveaxis(jnp.asarray(p).reshape(b, nq, bq), 1, 0), (1, 1, g))
-
-        def k_blocks(x):  # [B, Tk_pad, ...] -> [nk, B, ..., bk, ...]
-            x = jnp.asarray(x)
-            x = x.reshape((b, nk, bk) + x.shape[2:])
-            return jnp.moveaxis(x, 1, 0) if x.ndim == 3 else jnp.moveaxis(x, (1, 3), (0, 2))
-
-        aux = {"kv_index": jnp.asarray(lists.kv_index), "kv_count": jnp.asarray(lists.kv_count),
-               "q_pos": q_rows_pos(qp), "k_pos": k_blocks(kp),
-               "k_valid": jnp.arange(tkp).reshape(nk, bk) < tk}
-        if qs is not None:
-            aux["q_seg"], aux["k_seg"] = q_rows_pos(qs), k_blocks(ks)
+        tq, hq = q.shape[1], q.shape[2]
+        tk = k.shape[1]
+        g = hq // k.shape[2]
+        (lq, lk), fwd, bwd = tilings(blocks, tq, tk)
+        qp, kp = pad_axis(q_pos, lq, 1, edge=True), pad_axis(k_pos, lk, 1, edge=True)
+        qs = None if q_seg is None else pad_axis(q_seg, lq, 1, edge=True)
+        ks = None if kv_seg is None else pad_axis(kv_seg, lk, 1, edge=True)
         if bias is not None:
             qe, ke, slopes = bias
-            aux["q_bias"] = q_rows_pos(pad_axis(qe, tqp, 1, edge=True))
-            aux["k_bias"] = k_blocks(pad_axis(ke, tkp, 1, edge=True))
-            aux["slopes"] = jnp.repeat(jnp.asarray(slopes, jnp.float32).reshape(hk, g), bq, axis=1)
-        qb = _q_rows(pad_axis(q, tqp, 1), nq, bq, hk, g)
-        kb, vb = k_blocks(pad_axis(k, tkp, 1)), None
-        if v is not None:
-            vb = k_blocks(pad_axis(v, tkp, 1))
-        ctxb = {n: _q_rows(pad_axis(c, tqp, 1)[..., None], nq, bq, hk, g)
-                for n, c in ctx.items()}
-        cfg = _Config(mask, normalizer, pass_idx, v is not None, bias is not None, qs is not None)
-        out, lse = _pass(cfg, qb, kb, vb, ctxb, aux)
-
-        def unrows(x):  # [nq, B, Hkv, G*bq, ...] -> [B, Tq, Hq, ...]
-            rest = x.shape[4:]
-            x = x.reshape((nq, b, hk, g, bq) + rest)
-            x = jnp.moveaxis(x, (0, 2, 3), (1, 3, 4)).reshape((b, tqp, hq) + rest)
-            return x[:, :tq]
-
-        return (None if out is None else unrows(out)), unrows(lse)
+            bias = (pad_axis(qe, lq, 1, edge=True), pad_axis(ke, lk, 1, edge=True), slopes)
+        aux_fwd, aux_bwd = (_aux(mask, tiling, tk, g, qp, kp, qs, ks, bias)
+                            for tiling in (fwd, bwd))
+        cfg = _Config(mask, normalizer, pass_idx, v is not None, bias is not None,
+                      qs is not None, fwd, bwd)
+        out, lse = _pass(cfg, pad_axis(q, lq, 1), pad_axis(k, lk, 1),
+                         None if v is None else pad_axis(v, lk, 1),
+                         {n: pad_axis(c, lq, 1) for n, c in ctx.items()}, aux_fwd, aux_bwd)
+        return (None if out is None else out[:, :tq]), lse[:, :tq]
 
     return run

@@ -7,11 +7,12 @@ ctx)``. Multi-pass normalizers (LSSAR) and branch merges (LM-Infinite) are the c
 combines passes with the normalizer's ``merge``. GQA: ``k``/``v`` have ``Hkv`` heads, query
 head ``h`` reads kv head ``h // (Hq // Hkv)``.
 
-Here: block sizes, padding (sequences of any length are padded to the blocks; padded keys are
-masked in the kernel), the block lists and their flat schedules (``pallas_kernels.block_sparse``;
-static numpy when positions are numpy and there are no segment ids, else traced), the int32
-info arrays, the ``custom_vjp`` that wires the dQ and dK/dV kernels, and ``pl.CostEstimate``
-from the schedules.
+Here: block sizes (``BlockSizes``: the forward kernel tiles with ``forward``, the dQ and dK/dV
+kernels with ``backward``), padding (sequences of any length are padded to a length both
+tilings divide; padded keys are masked in the kernel), the block lists and their flat schedules
+(``pallas_kernels.block_sparse``; static numpy when positions are numpy and there are no segment
+ids, else traced), the int32 info arrays, the ``custom_vjp`` that wires the dQ and dK/dV
+kernels, and ``pl.CostEstimate`` from the schedules.
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import block_sparse
+from pallas_kernels.block_sizes import BlockSizes, for_lengths, tilings
 from pallas_kernels.block_sparse import pad_axis
-from pallas_kernels.protocols import FULL, PARTIAL
+from pallas_kernels.protocols import EMPTY, FULL, PARTIAL
 from pallas_kernels.tpu import kernels
 
-DEFAULT_BLOCKS = (512, 512)
 SUBLANES, LANES = 8, 128  # TPU tiling: blocks are multiples of these (or the whole axis)
 
 
@@ -46,15 +47,15 @@ class Bias:
     slopes: Any
 
 
-def block_shape(tq: int, tk: int, block_sizes=None, *, interpret: bool) -> tuple[int, int]:
-    """``(block_q, block_k)`` clipped to the sequences; on hardware, checked against TPU tiling."""
-    block_q, block_k = block_sizes or DEFAULT_BLOCKS
-    for name, blk in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(blk, bool) or not isinstance(blk, (int, np.integer)) or blk < 1:
-            raise ValueError(f"`block_sizes`: {name} must be an integer >= 1, got {blk!r}")
-    bq, bk = min(int(block_q), tq), min(int(block_k), tk)
+def block_shape(tq: int, tk: int, blocks: tuple[int, int], *, interpret: bool,
+                backward: bool = False) -> tuple[int, int]:
+    """``blocks = (block_q, block_k)`` (of the forward pass, or the ``backward`` one) clipped
+    to the sequences; on hardware, checked against TPU tiling."""
+    bq, bk = for_lengths(blocks, tq, tk)
     if not interpret:
-        for name, blk, length, unit in (("block_q", bq, tq, SUBLANES), ("block_k", bk, tk, LANES)):
+        suffix = "_bwd" if backward else ""
+        for name, blk, length, unit in ((f"block_q{suffix}", bq, tq, SUBLANES),
+                                        (f"block_k{suffix}", bk, tk, LANES)):
             if blk % unit and blk != length:
                 raise ValueError(
                     f"`block_sizes`: on TPU {name} must be a multiple of {unit} or cover the "
@@ -86,26 +87,49 @@ def _info(fields: dict, axis: int):
     return names, jnp.stack([jnp.asarray(fields[n], jnp.int32) for n in names], axis=axis)
 
 
-def _costs(sched, sched_t, shapes):
-    """``pl.CostEstimate`` of the forward, dQ and dK/dV kernels from their schedules."""
-    (b, hq, hkv, tq, d), dv, (bq, bk), vbytes = shapes
-    fwd, bwd = block_sparse.visit_stats(sched), block_sparse.visit_stats(sched_t)
-    tiles = b * hq * fwd["visited_tiles"]
-    kv_bytes = b * hq * fwd["block_fetches"] * bk * (d * 4 + dv * vbytes)
+def _tile_classes(mask, qp, kp, tiling, qs, ks, kv_len: int):
+    """``[nq, nk]`` classes of one tiling of the padded positions: kv blocks holding only padded
+    keys are EMPTY, and one holding some is never FULL (its mask drops them)."""
+    bq, bk = tiling
+    classes = block_sparse.tile_classes(mask, qp, kp, bq, bk, qs, ks)
+    if kp.shape[1] == kv_len:
+        return classes
+    xp = np if isinstance(classes, np.ndarray) else jnp
+    start = np.arange(classes.shape[1]) * bk
+    classes = xp.where(start + bk > kv_len, xp.where(classes == FULL, PARTIAL, classes), classes)
+    return xp.where(start >= kv_len, EMPTY, classes).astype(np.int8)
+
+
+def _costs(scheds, blocks, shapes):
+    """``pl.CostEstimate`` of the forward, dQ and dK/dV kernels from their schedules and the
+    forward / backward tilings."""
+    (b, hq, hkv, tq, d), dv, vbytes = shapes
     q_bytes = b * hq * tq * (d * 4 + 4 * (dv + 4))
-    mm = 2 * bq * bk * (d + dv)
-    return (pl.CostEstimate(flops=tiles * mm, transcendentals=tiles * bq * bk,
+
+    def terms(sched, tiling):  # (visited tiles, K/V bytes, matmul flops per tile, tile size)
+        bq, bk = tiling
+        stats = block_sparse.visit_stats(sched)
+        return (b * hq * stats["visited_tiles"],
+                b * hq * stats["block_fetches"] * bk * (d * 4 + dv * vbytes),
+                2 * bq * bk * (d + dv), bq * bk)
+
+    tiles, kv_bytes, mm, area = terms(scheds[0], blocks[0])
+    tiles_b, kv_bytes_b, mm_b, area_b = terms(scheds[1], blocks[1])
+    q_fetches = block_sparse.visit_stats(scheds[2])["block_fetches"]
+    return (pl.CostEstimate(flops=tiles * mm, transcendentals=tiles * area,
                             bytes_accessed=q_bytes + kv_bytes),
-            pl.CostEstimate(flops=tiles * 2 * mm, transcendentals=tiles * bq * bk,
-                            bytes_accessed=2 * q_bytes + kv_bytes),
-            pl.CostEstimate(flops=tiles * 2 * mm, transcendentals=tiles * bq * bk,
-                            bytes_accessed=b * hkv * bwd["block_fetches"] * bq * 4 * (d + dv + 3)
-                            + 2 * kv_bytes))
+            pl.CostEstimate(flops=tiles_b * 2 * mm_b, transcendentals=tiles_b * area_b,
+                            bytes_accessed=2 * q_bytes + kv_bytes_b),
+            pl.CostEstimate(flops=tiles_b * 2 * mm_b, transcendentals=tiles_b * area_b,
+                            bytes_accessed=b * hkv * q_fetches * blocks[1][0] * 4 * (d + dv + 3)
+                            + 2 * kv_bytes_b))
 
 
 def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int = 0,
                          q_positions, k_positions, q_segment_ids=None, kv_segment_ids=None,
-                         bias: Bias | None = None, block_sizes=None, interpret=False):
+                         bias: Bias | None = None,
+                         block_sizes: BlockSizes | tuple[int, int] | None = None,
+                         interpret=False):
     """One pass: ``(out [B, Hq, Tq, Dv] float32 or None, lse [B, Hq, Tq])``.
 
     Args:
@@ -117,7 +141,8 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
         iota positions in the kernel when they are ``offset + arange``).
       q_segment_ids, kv_segment_ids: optional int32 ``[B, T]``.
       bias: optional additive score bias (``Bias``).
-      block_sizes: ``(block_q, block_k)``, default ``DEFAULT_BLOCKS``.
+      block_sizes: ``BlockSizes.of(block_sizes)`` (default 512 x 512): the forward kernel
+        tiles with ``.forward``, the dQ and dK/dV kernels with ``.backward``.
       interpret: True runs the kernels in TPU interpret mode (``pltpu.InterpretParams()``);
         an ``InterpretParams`` instance configures the interpreter.
     """
@@ -128,21 +153,21 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     with_values = v is not None
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    bq, bk = block_shape(tq, tk, block_sizes, interpret=bool(interpret))
-    tq_p, tk_p = -(-tq // bq) * bq, -(-tk // bk) * bk
+    blocks = BlockSizes.of(block_sizes)
+    block_shape(tq, tk, blocks.forward, interpret=bool(interpret))
+    block_shape(tq, tk, blocks.backward, interpret=bool(interpret), backward=True)
+    (tq_p, tk_p), fwd, bwd = tilings(blocks, tq, tk)
     q_off, k_off = _iota_offset(q_positions), _iota_offset(k_positions)
     qp = _padded_positions(q_positions, q_off, tq_p)
     kp = _padded_positions(k_positions, k_off, tk_p)
     segs = q_segment_ids is not None
     qs = pad_axis(q_segment_ids, tq_p, 1, edge=True) if segs else None
     ks = pad_axis(kv_segment_ids, tk_p, 1, edge=True) if segs else None
-    classes = block_sparse.tile_classes(mask, qp, kp, bq, bk, qs, ks)
-    if tk_p != tk:  # the last kv column holds padded keys: never skip its mask
-        xp = np if isinstance(classes, np.ndarray) else jnp
-        last = xp.where(classes[:, -1:] == FULL, PARTIAL, classes[:, -1:]).astype(np.int8)
-        classes = xp.concatenate([classes[:, :-1], last], axis=1)
-    sched = block_sparse.schedule(block_sparse.block_lists(classes))
-    sched_t = block_sparse.schedule(block_sparse.block_lists(classes.T), group=hq // hk)
+    classes = {t: _tile_classes(mask, qp, kp, t, qs, ks, tk) for t in {fwd, bwd}}
+    sched = block_sparse.schedule(block_sparse.block_lists(classes[fwd]))
+    sched_dq = (sched if bwd == fwd
+                else block_sparse.schedule(block_sparse.block_lists(classes[bwd])))
+    sched_t = block_sparse.schedule(block_sparse.block_lists(classes[bwd].T), group=hq // hk)
 
     q_side = {"pos": None if q_off is not None else qp, "seg": qs}  # iota needs no field
     k_side = {"pos": None if k_off is not None else kp, "seg": ks}
@@ -160,29 +185,34 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
         mask=mask, normalizer=normalizer, pass_idx=pass_idx,
         bias_fn=None if bias is None else bias.fn, ctx_names=ctx_names,
         q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0,
-        k_offset=k_off or 0, block_q=bq, block_k=bk, kv_len=tk, kv_padded=tk_p != tk,
+        k_offset=k_off or 0, block_q=fwd[0], block_k=fwd[1], kv_len=tk, kv_padded=tk_p != tk,
         group=hq // hk, with_values=with_values, interpret=interpret or False)
-    costs = _costs(sched, sched_t, ((b, hq, hk, tq_p, d), dv, (bq, bk),
-                                    jnp.dtype(v.dtype).itemsize if with_values else 0))
-    meta = tuple((x.row, x.sub, x.col, x.flags) for x in (sched, sched_t))
+    statics = (st, dataclasses.replace(st, block_q=bwd[0], block_k=bwd[1]))
+    scheds = (sched, sched_dq, sched_t)
+    costs = _costs(scheds, (fwd, bwd), ((b, hq, hk, tq_p, d), dv,
+                                        jnp.dtype(v.dtype).itemsize if with_values else 0))
+    meta = tuple((x.row, x.sub, x.col, x.flags) for x in scheds)
     v_p = pad_axis(v, tk_p, 2) if with_values else None
-    out, lse = _flash(st, costs, meta, pad_axis(q, tq_p, 2), pad_axis(k, tk_p, 2), v_p, ctx_arr,
-                      q_info, k_info, slopes)
+    out, lse = _flash(statics, costs, meta, pad_axis(q, tq_p, 2), pad_axis(k, tk_p, 2), v_p,
+                      ctx_arr, q_info, k_info, slopes)
     return (out[:, :, :tq] if with_values else None), lse[:, :, :tq, 0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(st, costs, meta, q, k, v, ctx, q_info, k_info, slopes):
-    return kernels.forward_call(st, block_sparse.Schedule(*meta[0]),
+def _flash(statics, costs, meta, q, k, v, ctx, q_info, k_info, slopes):
+    """Padded ``(out, lse)``; ``statics``: forward and backward ``kernels.Static``; ``meta``:
+    the forward, dQ and dK/dV schedules' arrays."""
+    return kernels.forward_call(statics[0], block_sparse.Schedule(*meta[0]),
                                 (q, k, v, ctx, q_info, k_info, slopes), costs[0])
 
 
-def _flash_fwd(st, costs, meta, q, k, v, ctx, q_info, k_info, slopes):
-    out, lse = _flash(st, costs, meta, q, k, v, ctx, q_info, k_info, slopes)
+def _flash_fwd(statics, costs, meta, q, k, v, ctx, q_info, k_info, slopes):
+    out, lse = _flash(statics, costs, meta, q, k, v, ctx, q_info, k_info, slopes)
     return (out, lse), (meta, q, k, v, ctx, q_info, k_info, slopes, out, lse)
 
 
-def _flash_bwd(st, costs, res, cts):
+def _flash_bwd(statics, costs, res, cts):
+    st = statics[1]
     meta, q, k, v, ctx, q_info, k_info, slopes, out, lse = res
     dout, dlse = cts
     arrays = (q, k, v, ctx, q_info, k_info, slopes)
@@ -190,8 +220,8 @@ def _flash_bwd(st, costs, res, cts):
     if st.with_values:
         base = base - jnp.sum(dout * out, axis=-1, keepdims=True)
     residuals = (dout, lse, base)
-    dq, dctx = kernels.dq_call(st, block_sparse.Schedule(*meta[0]), arrays, residuals, costs[1])
-    dk, dv = kernels.dkv_call(st, block_sparse.Schedule(*meta[1]), arrays, residuals, costs[2])
+    dq, dctx = kernels.dq_call(st, block_sparse.Schedule(*meta[1]), arrays, residuals, costs[1])
+    dk, dv = kernels.dkv_call(st, block_sparse.Schedule(*meta[2]), arrays, residuals, costs[2])
     return (None, dq.astype(q.dtype), dk.astype(k.dtype),
             dv.astype(v.dtype) if st.with_values else None, dctx, None, None, None)
 

@@ -227,9 +227,7 @@ def _dkv_kernel(st: Static, names, *refs):
 
 
 # -- pallas_call builders ------------------------------------------------------------------
-def _params(st: Static):
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "arbitrary"))
+_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 class _Specs:
@@ -297,7 +295,8 @@ def _row_maps(st: Static):
 
 
 def _col_maps(st: Static):
-    """Index maps of the dK/dV grid ``(b, hkv, s, row=kv block, sub=head in group, col=q block)``."""
+    """Index maps of the dK/dV grid ``(b, hkv, s, row=kv block, sub=head in group,
+    col=q block)``."""
 
     def q_block(b, h, s, row, sub, col, flags):
         return b, h * st.group + sub[s], col[s], 0
@@ -323,7 +322,7 @@ def _call(st: Static, body, name, sched, heads, ins, outs, scratch, cost):
         in_specs=ins.specs, out_specs=outs.specs, scratch_shapes=[v for _, v in scratch])
     return pl.pallas_call(
         functools.partial(body, st, names), out_shape=outs.arrays, grid_spec=grid_spec,
-        compiler_params=_params(st), interpret=st.interpret, cost_estimate=cost,
+        compiler_params=_PARAMS, interpret=st.interpret, cost_estimate=cost,
         name=name)(*(getattr(sched, n) for n in _SCHEDULE), *ins.arrays)
 
 
