@@ -195,8 +195,8 @@ def test_generate_is_greedy_on_the_known_prefix():
     (dict(summary_len=9), r"`summary_len` must be an integer in \[0, 8\], got 9"),
     (dict(num_memories=-1), r"`num_memories` must be an integer >= 0, got -1"),
     (dict(num_memories=0), r"`recall=True` needs `num_memories` >= 1"),
-    (dict(bptt_segments=0), r"`bptt_segments` must be an integer >= 1"),
-    (dict(memory_dim=0), r"`memory_dim` must be an integer >= 1"),
+    (dict(bptt_segments=0), r"`bptt_segments` must be None or an integer >= 1"),
+    (dict(memory_dim=0), r"`memory_dim` must be None or an integer >= 1"),
     (dict(loss_segments="first"), r"`loss_segments` must be one of \('all', 'last'\)"),
     (dict(recall=1), r"`recall` must be True or False"),
 ])
