@@ -46,7 +46,8 @@ from experiments import configurables, tasks
 from experiments.data import DataConfig, validation_documents
 from experiments.tasks import Passkey
 from experiments.train import build_model, merge_model, split_model
-from lcattn import checks, memory, model as model_lib
+from lcattn import checks, memory
+from lcattn import model as model_lib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -3,8 +3,9 @@
 Run folders written before the option groups hold bindings such as
 ``build_model.mamba2_state_dim`` or ``make_iterator.source``. ``migrate`` rewrites such a
 ``config.gin`` to the current names (the same model, data and evaluation; it returns
-``old -> new`` for each moved binding, for the log); ``check_moved`` stops any other gin file or command-line binding that
-still uses an old name with an error saying where it moved. ``MOVED`` is the table.
+``old -> new`` for each moved binding, for the log); ``check_moved`` stops any other gin file
+or command-line binding that still uses an old name with an error saying where it moved.
+``MOVED`` is the table.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-r"""Train a decoder LM: ``python -m experiments.train --gin_file=... --gin.NAME=VALUE --workdir=DIR``.
+r"""Train a decoder LM.
+
+``python -m experiments.train --gin_file=... --gin.NAME=VALUE --workdir=DIR``.
 
 Example (a tiny softmax+RoPE model on the embedded corpus, a minute or two on 2 CPU cores)::
 

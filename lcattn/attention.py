@@ -58,7 +58,8 @@ class AttentionSpec:
                                  f"n_global) (LM-Infinite), got mask={self.mask!r}")
 
     def branches(self, q_pos, k_pos):
-        """``[(mask, q_enc_pos, k_enc_pos)]``: one branch, or LM-Infinite's local + sink branches."""
+        """``[(mask, q_enc_pos, k_enc_pos)]``: one branch, or LM-Infinite's local and sink
+        branches."""
         if self.distance_limit is None:
             return [(self.mask, q_pos, k_pos)]
         w = self.mask.window

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -195,7 +195,7 @@ class Local(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class Beyond(Mask):
-    """Keys at distance ``q_pos - k_pos >= distance`` (the part of a causal mask outside a window)."""
+    """Keys at distance ``q_pos - k_pos >= distance`` (a causal mask's part outside a window)."""
 
     distance: int
 

@@ -57,11 +57,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from lcattn.layers.attention import SpecOverride
 from lcattn import checks
+from lcattn.layers.attention import SpecOverride
 from lcattn.layers.params import param
 from lcattn.model import DecoderLM
 

@@ -47,7 +47,8 @@ def _l2_normalize(x):
 
 
 class Normalizer:
-    """Shared streaming machinery; subclasses define ``prepare``, ``log_weight``, ``dense_weights``."""
+    """Shared streaming machinery; subclasses define ``prepare``, ``log_weight`` and
+    ``dense_weights``."""
 
     num_passes: int = 1
     needs_count: bool = False
@@ -59,7 +60,8 @@ class Normalizer:
     # -- streaming state -------------------------------------------------------------------
     @staticmethod
     def init(rows_shape, dv: int | None):
-        """State for rows ``rows_shape`` (e.g. ``[..., rows]``) and value width ``dv`` (None: no values)."""
+        """State for rows ``rows_shape`` (e.g. ``[..., rows]``) and value width ``dv`` (None: no
+        values)."""
         m = jnp.full(tuple(rows_shape) + (1,), NEG_INF, jnp.float32)
         l = jnp.zeros(tuple(rows_shape) + (1,), jnp.float32)
         acc = None if dv is None else jnp.zeros(tuple(rows_shape) + (dv,), jnp.float32)
@@ -83,7 +85,7 @@ class Normalizer:
     def merge(a, b):
         """Combine two states over disjoint key sets."""
         (ma, la, acca), (mb, lb, accb) = a, b
-        m = jax.lax.stop_gradient(jnp.maximum(ma, mb))  # a stabilizer: the result is invariant to it
+        m = jax.lax.stop_gradient(jnp.maximum(ma, mb))  # a stabilizer: the result ignores it
         m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
         wa, wb = jnp.exp(ma - m_safe), jnp.exp(mb - m_safe)
         acc = None if acca is None else wa * acca + wb * accb

@@ -11,7 +11,8 @@ LM-Infinite's distance limit needs a second, differently positioned view of the 
   so that ``<rotate(q, a), rotate(k, b)>`` depends on ``a - b`` only.
 * ``Linear(f)`` (position interpolation): ``pos / f``. ``NTK(f)``: ``theta * f^(d/(d-2))``.
   ``YaRN(f, L)`` ("YaRN", eqs. 17-20): with wavelength ``lambda_i = 2 pi / inv_freq_i``,
-  ``r_i = L / lambda_i`` and ramp ``gamma_i = clip((r_i - beta_slow)/(beta_fast - beta_slow), 0, 1)``,
+  ``r_i = L / lambda_i`` and ramp
+  ``gamma_i = clip((r_i - beta_slow)/(beta_fast - beta_slow), 0, 1)``,
   ``inv_freq'_i = (1 - gamma_i) inv_freq_i / f + gamma_i inv_freq_i``; q and k are both scaled
   by ``mscale = 0.1 ln f + 1`` (logits by ``mscale^2``).
 * ``ALiBi()``: logit bias ``-m_h |q_pos - k_pos|`` with the paper's per-head slopes ``m_h``.
@@ -105,7 +106,7 @@ class NoPE(Position):
 
 @dataclasses.dataclass(frozen=True)
 class RoPE(Position):
-    """Rotary embedding (half-split convention) with optional ``Linear``/``NTK``/``YaRN`` scaling."""
+    """Rotary embedding (half-split convention), optionally ``Linear``/``NTK``/``YaRN`` scaled."""
 
     theta: float = 10000.0
     scaling: Linear | NTK | YaRN | None = None

@@ -47,11 +47,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lcattn import checks, ssd_stages
 from pallas_kernels import ssd_scan

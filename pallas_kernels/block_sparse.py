@@ -15,8 +15,8 @@ import dataclasses
 from typing import Any
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.protocols import EMPTY, FULL, PARTIAL, MaskLike
 
@@ -53,7 +53,8 @@ def pad_axis(x, length: int, axis: int, *, edge: bool = False):
 
 def tile_classes(mask: MaskLike, q_pos, k_pos, block_q: int, block_k: int, q_seg=None,
                  kv_seg=None):
-    """``[nq, nk]`` EMPTY/PARTIAL/FULL for positions ``[B, Tq]`` / ``[B, Tk]`` (multiples of blocks)."""
+    """``[nq, nk]`` EMPTY/PARTIAL/FULL for positions ``[B, Tq]`` / ``[B, Tk]`` (lengths multiples
+    of the blocks)."""
     for name, arr, blk in (("q_pos", q_pos, block_q), ("k_pos", k_pos, block_k)):
         if arr.shape[-1] % blk:
             raise ValueError(f"`{name}` length {arr.shape[-1]} is not a multiple of its block "

@@ -5,8 +5,10 @@ Per head (Dao & Gu, 2024, "Transformers are SSMs", §6), with ``Q``-token chunks
 ``S [N, P]`` entering chunk ``c``, ``cum`` the cumulative log-decay inside the chunk and
 ``u = κ x`` the (already scaled) input::
 
-    y_i     = Σ_{j <= i, same doc} C_iᵀB_j e^{cum_i - cum_j} u_j  +  [no start <= i] e^{cum_i} C_iᵀ S
-    S_next  = [no start in c] e^{cum_end} S  +  Σ_{j after the chunk's last start} B_j (e^{cum_end - cum_j} u_j)ᵀ
+    y_i    = Σ_{j <= i, same doc} C_iᵀB_j e^{cum_i - cum_j} u_j
+             + [no start <= i] e^{cum_i} C_iᵀ S
+    S_next = [no start in c] e^{cum_end} S
+             + Σ_{j after the chunk's last start} B_j (e^{cum_end - cum_j} u_j)ᵀ
 
 A program loads one chunk at a time (``Q × P`` of ``u``, ``Q × N`` of ``B`` and ``C``, ``Q`` log
 decays and start flags), forms the ``Q × Q`` dual-form block and the read-out of ``S`` with
@@ -98,10 +100,13 @@ def ssd_chunk_scan(u, log_decay, b, c, *, starts=None, initial_state=None, chunk
         return jnp.moveaxis(a, 2, 1)
 
     k = h // g
-    per_head = lambda width: pl.BlockSpec((None, None, length, width),
-                                          lambda zi, hi: (zi, hi, 0, 0))
-    per_group = lambda width: pl.BlockSpec((None, None, length, width),
-                                           lambda zi, hi: (zi, hi // k, 0, 0))
+
+    def per_head(width):
+        return pl.BlockSpec((None, None, length, width), lambda zi, hi: (zi, hi, 0, 0))
+
+    def per_group(width):
+        return pl.BlockSpec((None, None, length, width), lambda zi, hi: (zi, hi // k, 0, 0))
+
     per_row = pl.BlockSpec((None, length, 1), lambda zi, hi: (zi, 0, 0))
     state = pl.BlockSpec((None, None, n, p), lambda zi, hi: (zi, hi, 0, 0))
     y, h_last = pl.pallas_call(

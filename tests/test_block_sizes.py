@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import lcattn
-from lcattn import masks as M, normalizers as N, positions as P
+from lcattn import masks as M
+from lcattn import normalizers as N
+from lcattn import positions as P
 from lcattn.backends import pallas_tpu, xla
 from pallas_kernels import tpu
 from pallas_kernels.block_sizes import BlockSizes, tilings

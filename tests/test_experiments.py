@@ -6,7 +6,9 @@ import os
 import gin
 import pytest
 
-from experiments import configurables, evaluate as evaluate_lib, sweep as sweep_lib
+from experiments import configurables
+from experiments import evaluate as evaluate_lib
+from experiments import sweep as sweep_lib
 from experiments import train as train_lib
 from lcattn.memory import HMT
 
@@ -26,8 +28,8 @@ def _losses(workdir):
 
 
 def _all_gin_files():
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs/**/*.gin"),
-                                                             recursive=True))
+    paths = glob.glob(os.path.join(ROOT, "configs/**/*.gin"), recursive=True)
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
 @pytest.mark.parametrize("path", _all_gin_files())

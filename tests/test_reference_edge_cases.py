@@ -8,7 +8,26 @@ import pytest
 
 import lcattn
 from lcattn import masks, normalizers, positions
-from tests.numpy_oracle import (ALIBI_SLOPES, B, D, HKV, HQ, REF, T, data, default_pos, f32, np_rope, np_visible, oracle, pred_causal, pred_full, run, spec_of)
+from tests.numpy_oracle import (
+    ALIBI_SLOPES,
+    HKV,
+    HQ,
+    REF,
+    B,
+    D,
+    T,
+    data,
+    default_pos,
+    f32,
+    np_rope,
+    np_visible,
+    oracle,
+    pred_causal,
+    pred_full,
+    run,
+    spec_of,
+)
+
 
 # ----------------------------------------------------------------------------------------------
 # 7. edge cases

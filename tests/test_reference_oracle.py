@@ -13,8 +13,26 @@ import numpy as np
 import pytest
 
 from lcattn import masks, normalizers, positions
+from tests.numpy_oracle import (
+    ALIBI_SLOPES,
+    HKV,
+    HQ,
+    MASK_CASES,
+    B,
+    D,
+    T,
+    data,
+    default_pos,
+    np_rope,
+    np_visible,
+    oracle,
+    pred_causal,
+    pred_full,
+    pred_lambda,
+    run,
+    spec_of,
+)
 
-from tests.numpy_oracle import (ALIBI_SLOPES, B, D, HKV, HQ, MASK_CASES, T, data, default_pos, np_rope, np_visible, oracle, pred_causal, pred_full, pred_lambda, run, spec_of)
 
 # ----------------------------------------------------------------------------------------------
 # 0. the oracle's own bookkeeping (N_i of the Lambda mask)

@@ -190,7 +190,9 @@ def test_bfloat16_inputs_match_sequential(impl):
     s = starts()
 
     def value_and_grad(impl):
-        f = lambda *a: jnp.sum(IMPLS[impl](*a, starts=s)[0].astype(jnp.float32) ** 2)
+        def f(*a):
+            return jnp.sum(IMPLS[impl](*a, starts=s)[0].astype(jnp.float32) ** 2)
+
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 3, 4)))(*args)
 
     (want, want_g), (got, got_g) = value_and_grad("sequential"), value_and_grad(impl)

@@ -24,10 +24,10 @@ import gc
 import os
 import platform
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 import lcattn
 from experiments.benchmarks.timing import compile_and_time, emit, log

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
 from experiments.benchmarks.timing import emit, log
 from lcattn import masks

@@ -12,7 +12,8 @@ block_size=--block_size)``; ``sequential``: ``lcattn.ssm.ssd_sequential``, one t
 step) it compiles once, records the compiled executable's ``memory_analysis()``
 (``peak_bytes`` = temp + argument + output bytes), then reports the median wall time of
 ``--repeats`` calls after ``--warmup`` untimed ones (the first calls of a program that needs
-tens of MB of temporaries also pay the allocator's page faults until glibc's heap settles). Shapes: batch ``--batch``,
+tens of MB of temporaries also pay the allocator's page faults until glibc's heap settles).
+Shapes: batch ``--batch``,
 ``--heads`` heads of width ``--head_dim``, ``--groups`` groups of ``B``/``C`` of width
 ``--state_dim``, float32, no documents, no mitigations; ``Δ = softplus(N(0,1) - 3)`` and
 ``A = -exp(U[0, log 16])`` (decays in the range Mamba-2 initializes). Prints one JSON object on
@@ -23,9 +24,9 @@ from __future__ import annotations
 import math
 import platform
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
 from experiments.benchmarks.timing import compile_and_time, emit, log
 from lcattn import ssm

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcattn import masks as masks_lib
 from lcattn import backends, checks
+from lcattn import masks as masks_lib
 from lcattn.attention import AttentionSpec, attend
 from lcattn.layers.params import fan_in, param
 
