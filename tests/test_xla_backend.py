@@ -1,64 +1,19 @@
-"""The ``xla`` backend against the ``reference`` oracle: forward and gradients over masks x
-normalizers x GQA x dtypes, segment ids, decoding shapes, padding, and random shapes."""
+"""Checks of the ``xla`` backend beyond ``test_backends.py`` (which compares it with the
+reference over the shared cases): a sparse cache, padding, traced positions, fully masked rows,
+a single token, a longer Λ-mask, random shapes, and LSSAR against a million keys."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 import lcattn
 from lcattn import masks as M, normalizers as N, positions as P
-from tests.helpers import (assert_close, compare_with_reference, outputs_and_grads,
-                           packed_documents, qkv)
-
-MASKS = {
-    "full": (M.Full(), None), "causal": (M.Causal(), None), "local": (M.Local(5), None),
-    "chunked": (M.Chunked(8), None), "lambda": (M.Lambda(6, 3), None),
-    "lambda_limit": (M.Lambda(6, 3), 9),
-}
-NORMS = {"softmax": N.Softmax(), "lssa": N.Softplus(), "lssar": N.Reweighted()}
+from tests.cases import NORMS
+from tests.helpers import assert_close, compare_with_reference, outputs_and_grads, qkv
 
 
 def compare(q, k, v, spec, blocks=(8, 8), **kw):
     compare_with_reference(q, k, v, spec, "xla", blocks, **kw)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("norm", NORMS, ids=str)
-@pytest.mark.parametrize("mask", MASKS, ids=str)
-def test_matches_reference(mask, norm, heads, dtype):
-    m, limit = MASKS[mask]
-    spec = lcattn.AttentionSpec(m, NORMS[norm], P.RoPE(), limit)
-    compare(*qkv(0, 2, 29, 29, heads[0], heads[1], 16, dtype), spec)
-
-
-@pytest.mark.parametrize("norm", [N.Softmax(softcap=3.0), N.Softmax(scale=0.5), N.Softplus(),
-                                  N.Reweighted(p=2, warmup_rows=5)], ids=repr)
-@pytest.mark.parametrize("position", [P.ALiBi(), P.NoPE(), P.RoPE(scaling=P.YaRN(4, 16))],
-                         ids=repr)
-def test_positions_and_normalizer_options(position, norm):
-    spec = lcattn.AttentionSpec(M.Lambda(7, 2), norm, position, distance_limit=5)
-    compare(*qkv(1, 1, 26, 26, 6, 3, 8), spec)
-
-
-@pytest.mark.parametrize("norm", NORMS, ids=str)
-@pytest.mark.parametrize("mask", ["causal", "full", "lambda_limit"], ids=str)
-def test_segment_ids_and_document_positions(mask, norm):
-    m, limit = MASKS[mask]
-    seg, pos = packed_documents(2, 30, 4, seed=3)
-    spec = lcattn.AttentionSpec(m, NORMS[norm], P.RoPE(), limit)
-    compare(*qkv(2, 2, 30, 30, 4, 2, 8), spec, q_positions=pos, k_positions=pos,
-            q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg))
-
-
-@pytest.mark.parametrize("norm", NORMS, ids=str)
-@pytest.mark.parametrize("tq", [1, 5])
-def test_decode_shapes_tq_ne_tk(tq, norm):
-    tk = 40
-    qpos = np.arange(tk - tq, tk, dtype=np.int32)
-    spec = lcattn.AttentionSpec(M.Lambda(8, 4), NORMS[norm], P.RoPE(), distance_limit=8)
-    compare(*qkv(4, 2, tq, tk, 4, 1, 8), spec, blocks=(4, 16), q_positions=qpos)
 
 
 def test_sparse_cache_positions():
@@ -119,16 +74,6 @@ def test_random_shapes_hypothesis(b, tq, extra_k, group, hk, d, window, n_global
     want = lcattn.attend(q, k, v, spec, q_positions=qpos, backend="reference")
     got = lcattn.attend(q, k, v, spec, q_positions=qpos, backend="xla", block_sizes=(bq, bk))
     assert_close(got, want, jnp.float32)
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(block_sizes=(0, 8)), "block_q"),
-    (dict(backend="pallas_cuda"), "backend"),
-])
-def test_bad_arguments(kwargs, match):
-    q, k, v = qkv(0, 1, 8, 8, 2, 2, 4)
-    with pytest.raises(ValueError, match=match):
-        lcattn.attend(q, k, v, lcattn.AttentionSpec(), **kwargs)
 
 
 def test_lssar_one_query_against_a_million_keys():
