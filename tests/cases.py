@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import lcattn
-from lcattn import masks as M, normalizers as N, positions as P
+from lcattn import masks as M
+from lcattn import normalizers as N
+from lcattn import positions as P
 from tests.helpers import packed_documents, qkv
 
 NORMS = {"softmax": N.Softmax(), "lssa": N.Softplus(), "lssar": N.Reweighted()}

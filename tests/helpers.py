@@ -11,7 +11,10 @@ TOL = {np.dtype(jnp.float32): dict(atol=2e-5, rtol=2e-4),
 
 def qkv(seed, b, tq, tk, hq, hk, d, dtype=jnp.float32, dv=None):
     rng = np.random.default_rng(seed)
-    mk = lambda t, h, w: jnp.asarray(rng.normal(size=(b, t, h, w)), jnp.float32).astype(dtype)
+
+    def mk(t, h, w):
+        return jnp.asarray(rng.normal(size=(b, t, h, w)), jnp.float32).astype(dtype)
+
     return mk(tq, hq, d), mk(tk, hk, d), mk(tk, hk, dv or d)
 
 

@@ -9,9 +9,13 @@ from tests import cases
 from tests.helpers import compare_with_reference, qkv
 
 
+def case_id(case):
+    """A ``Case``'s own id, or a plan tuple's values joined by ``-``."""
+    return case.id if isinstance(case, cases.Case) else "-".join(map(str, case))
+
+
 def by_backend(plan):
     """pytest params ``(backend, case)`` over every backend's ``plan(backend)``."""
-    case_id = lambda c: c.id if isinstance(c, cases.Case) else "-".join(map(str, c))  # noqa: E731
     return [pytest.param(backend, case, id=f"{backend.name}-{case_id(case)}")
             for backend in cases.BACKENDS.values() for case in plan(backend)]
 

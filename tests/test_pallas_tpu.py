@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import lcattn
-from lcattn import masks as M, normalizers as N, positions as P
+from lcattn import masks as M
+from lcattn import normalizers as N
+from lcattn import positions as P
 from pallas_kernels import block_sparse, tpu
 from pallas_kernels.protocols import EMPTY, FULL
 from tests.helpers import assert_close, qkv
@@ -175,6 +177,7 @@ def test_decoder_lm_trains_through_the_kernels():
     """A two-layer DecoderLM (Λ-mask + LSSA layers, packed segments): the loss and its parameter
     gradient through ``backend="pallas_tpu"`` equal the ``xla`` backend's."""
     from flax import nnx
+
     from lcattn.model import DecoderLM
     specs = (lcattn.AttentionSpec(M.Lambda(8, 2), N.Softmax(), distance_limit=8),
              lcattn.AttentionSpec(M.Causal(), N.Softplus()))

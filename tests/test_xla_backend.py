@@ -4,10 +4,13 @@ a single token, a longer Λ-mask, random shapes, and LSSAR against a million key
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lcattn
-from lcattn import masks as M, normalizers as N, positions as P
+from lcattn import masks as M
+from lcattn import normalizers as N
+from lcattn import positions as P
 from tests.cases import NORMS
 from tests.helpers import assert_close, compare_with_reference, outputs_and_grads, qkv
 
