@@ -124,11 +124,11 @@ def options(backend: Backend):
     return plan(backend.exhaustive, (tuple(NORM_OPTIONS),), (tuple(POSITIONS),))
 
 
-def options_inputs(backend: Backend, norm, position):
-    """48 tokens, 6 query / 3 kv heads, ``Lambda(16, 3)`` with distance limit 12."""
+def options_inputs(norm, position):
+    """48 tokens, GQA heads, ``Lambda(16, 3)`` with distance limit 12."""
     spec = lcattn.AttentionSpec(M.Lambda(16, 3), NORM_OPTIONS[norm], POSITIONS[position],
                                 distance_limit=12)
-    return (*qkv(1, backend.batch, 48, 48, 6, 3, 8), spec)
+    return (*qkv(1, 1, 48, 48, *HEADS["gqa"], 8), spec)
 
 
 def decode(backend: Backend):

@@ -29,7 +29,7 @@ def test_matches_reference(backend, case):
 
 @pytest.mark.parametrize("backend,case", by_backend(cases.options))
 def test_positions_and_normalizer_options(backend, case):
-    q, k, v, spec = cases.options_inputs(backend, *case)
+    q, k, v, spec = cases.options_inputs(*case)
     compare_with_reference(q, k, v, spec, backend.name, backend.blocks)
 
 
