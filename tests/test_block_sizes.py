@@ -101,8 +101,10 @@ def _record_tiles(backend, monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas_tpu"])
-@pytest.mark.parametrize("norm", [N.Softmax(), N.Reweighted()], ids=repr)
+# The tiling code is the same for every normalizer: LSSAR (two passes) on the cheap backend
+# only, since TPU interpret mode takes ~50 s for it.
+@pytest.mark.parametrize("backend, norm", [("xla", N.Softmax()), ("xla", N.Reweighted()),
+                                           ("pallas_tpu", N.Softmax())], ids=str)
 def test_backward_tiles_differ_from_forward(backend, norm, monkeypatch):
     """Forward 16 x 32, backward 8 x 16, T = 40 (a multiple of neither), Λ-mask with distance
     limit, GQA: outputs and q/k/v gradients match the reference."""
