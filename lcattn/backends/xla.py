@@ -233,8 +233,8 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
         if bias is not None:
             qe, ke, slopes = bias
             bias = (pad_axis(qe, lq, 1, edge=True), pad_axis(ke, lk, 1, edge=True), slopes)
-        aux_fwd, aux_bwd = (_aux(mask, tiling, tk, g, qp, kp, qs, ks, bias)
-                            for tiling in (fwd, bwd))
+        aux_fwd = _aux(mask, fwd, tk, g, qp, kp, qs, ks, bias)
+        aux_bwd = aux_fwd if bwd == fwd else _aux(mask, bwd, tk, g, qp, kp, qs, ks, bias)
         cfg = _Config(mask, normalizer, pass_idx, v is not None, bias is not None,
                       qs is not None, fwd, bwd)
         out, lse = _pass(cfg, pad_axis(q, lq, 1), pad_axis(k, lk, 1),
