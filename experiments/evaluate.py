@@ -166,9 +166,7 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
     ``run.json``). ``max_tokens`` caps the validation text. ``passkey``: the passkey grid
     (``tasks.Passkey``), None or ``trials=0`` to skip it.
     """
-    if any(not (checks.is_int(m) and m >= 1) for m in length_multipliers):
-        raise ValueError(f"evaluate: `length_multipliers` must be integers >= 1, got "
-                         f"{length_multipliers!r}")
+    checks.integers("evaluate", "length_multipliers", length_multipliers)
     checks.integer("evaluate", "length_unit", length_unit, allow_none=True)
     if passkey is not None and not isinstance(passkey, Passkey):
         raise ValueError(f"evaluate: `passkey` must be None or a Passkey (@tasks.Passkey()), "

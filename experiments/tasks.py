@@ -56,9 +56,7 @@ class Passkey:
 
     def __post_init__(self):
         checks.integer("Passkey", "trials", self.trials, minimum=0)
-        if any(not checks.is_int(m) or m < 1 for m in self.multipliers):
-            raise ValueError(f"Passkey: `multipliers` must be integers >= 1, got "
-                             f"{self.multipliers!r}")
+        checks.integers("Passkey", "multipliers", self.multipliers)
         if any(not 0 <= d <= 1 for d in self.depths):
             raise ValueError(f"Passkey: `depths` must lie in [0, 1], got {self.depths!r}")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from pallas_kernels.checks import integer, is_int
 
-__all__ = ["choice", "integer", "is_int", "positive", "tokens"]
+__all__ = ["choice", "integer", "integers", "is_int", "positive", "tokens"]
 
 
 def positive(owner: str, name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -26,6 +26,12 @@ def positive(owner: str, name: str, value: Any, *, allow_none: bool = False) -> 
             or not math.isfinite(value) or value <= 0:
         allowed = "None or a finite number > 0" if allow_none else "a finite number > 0"
         raise ValueError(f"{owner}: `{name}` must be {allowed}, got {value!r}")
+
+
+def integers(owner: str, name: str, values: Any, *, minimum: int = 1) -> None:
+    """``values`` is a sequence of integers, each ``>= minimum``."""
+    if isinstance(values, str) or not all(is_int(v) and v >= minimum for v in values):
+        raise ValueError(f"{owner}: `{name}` must be integers >= {minimum}, got {values!r}")
 
 
 def choice(owner: str, name: str, value: Any, allowed) -> None:

@@ -94,3 +94,14 @@ def test_mqar_seeded_and_validated():
         tasks.mqar_batch(2, 64, 8, 16, seed=0)
     with pytest.raises(ValueError, match="num_pairs"):
         tasks.mqar_batch(2, 64, 0, 64, seed=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(multipliers=(2, 0)), r"Passkey: `multipliers` must be integers >= 1, got \(2, 0\)"),
+    (dict(multipliers=(2.0,)), "`multipliers` must be integers"),
+    (dict(trials=-1), "`trials` must be an integer >= 0"),
+    (dict(depths=(0.5, 1.5)), r"`depths` must lie in \[0, 1\]"),
+])
+def test_passkey_grid_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tasks.Passkey(**kwargs)
