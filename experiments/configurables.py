@@ -10,6 +10,8 @@ lcattn's classes and the option groups (frozen dataclasses) are registered as th
     layers.Mamba2Config.options = @ssm.SSMOptions()      ssm.SSMOptions.window = 128
     train.data = @data.DataConfig()    data.DataConfig.packing = "chunk"
     evaluate.passkey = @tasks.Passkey()          tasks.Passkey.trials = 0
+    train.mesh = @sharding.make_mesh()  sharding.make_mesh.fsdp = 8   (configs/mesh/*.gin)
+    sharding.logical_rules.overrides = {"mlp": None}     (lcattn.sharding.DEFAULT_RULES)
 
 A group's bindings apply only where a parameter is bound to it (``@data.DataConfig()``);
 ``configs/base.gin`` binds ``train.data``, ``evaluate.data`` and ``evaluate.passkey``.
@@ -29,18 +31,48 @@ import sys
 from typing import Sequence
 
 import gin
+import jax
 from absl import flags
 from absl import logging as absl_logging
+from jax.sharding import Mesh
 
 from experiments import data, legacy, tasks
-from lcattn import attention, layers, masks, memory, normalizers, positions, ssm
+from lcattn import attention, layers, masks, memory, normalizers, positions, sharding, ssm
 
 _REGISTERED = False
 # Command-line flags shared by experiments.train / evaluate / sweep (absl flags are global).
 GIN_FILES = flags.DEFINE_multi_string(
     "gin_file", [], "gin config files, applied in order (later ones override).")
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (one process per host of a "
+    "TPU pod slice or a multi-node GPU job; see README 'Sharded runs').")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The mesh and the logical-axis rules, configurable as `sharding.make_mesh.*` and
+# `sharding.logical_rules.overrides` (lcattn.sharding stays free of gin).
+make_mesh = gin.external_configurable(sharding.make_mesh, module="sharding")
+axis_rules = gin.external_configurable(sharding.logical_rules, module="sharding")
+
+
+def check_mesh(owner: str, mesh) -> Mesh:
+    """``mesh`` (from gin), or the one-device mesh for None; a clear error for anything else."""
+    if mesh is None:
+        return sharding.single_device_mesh()
+    if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != sharding.MESH_AXES:
+        raise ValueError(f"{owner}: `mesh` must be None (one device) or a mesh from "
+                         f"lcattn.sharding.make_mesh (@sharding.make_mesh(), "
+                         f"configs/mesh/*.gin), got {mesh!r}")
+    return mesh
+
+
+def init_distributed() -> None:
+    """``jax.distributed.initialize()`` under ``--multihost`` (before anything touches jax's
+    devices); a no-op otherwise."""
+    if MULTIHOST.value:
+        jax.distributed.initialize()
+        logging.getLogger("lcattn.config").info(
+            "process %d of %d, %d local / %d global devices", jax.process_index(),
+            jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def register_all() -> None:

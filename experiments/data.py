@@ -267,7 +267,8 @@ def _finalize(batch_size):
 def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
                  source: str = "stdlib", packing: str = "pack", max_files: int | None = None,
                  max_bytes: int | None = None, glob: str | None = None, val_every: int = 20,
-                 num_epochs: int | None = None) -> grain.IterDataset:
+                 num_epochs: int | None = None, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
     """The grain ``IterDataset`` of batches described in the module docstring.
 
     Args:
@@ -281,6 +282,10 @@ def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
       glob: keep only files whose relative path matches it (``PurePosixPath.match``).
       val_every: every ``val_every``-th file (sorted index ``% val_every == 0``) is validation.
       num_epochs: passes over the split; ``None``: forever for train, once for validation.
+      process_index, process_count: this host's share under multi-host training: rows
+        ``[i*B/n, (i+1)*B/n)`` of every global batch of ``B = batch_size`` rows. Every host
+        builds the same global batches (reading and packing is cheap for byte-level text), so
+        a run's data do not depend on the number of hosts.
     """
     checks.choice("make_dataset", "split", split, SPLITS)
     checks.choice("make_dataset", "packing", packing, PACKING_MODES)
@@ -288,6 +293,12 @@ def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
     checks.integer("make_dataset", "batch_size", batch_size)
     checks.integer("make_dataset", "seed", seed, minimum=0, maximum=2**32 - 1)
     checks.integer("make_dataset", "num_epochs", num_epochs, allow_none=True)
+    checks.integer("make_dataset", "process_count", process_count)
+    checks.integer("make_dataset", "process_index", process_index, minimum=0,
+                   maximum=process_count - 1)
+    if batch_size % process_count:
+        raise ValueError(f"make_dataset: `batch_size` ({batch_size}) must be a multiple of "
+                         f"the number of processes ({process_count})")
     corpus = load_corpus(source, max_files=max_files, max_bytes=max_bytes, glob=glob)
     starts, lengths = _split_docs(corpus, split, val_every, source)
     train = split == "train"
@@ -298,13 +309,19 @@ def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
         ds = _pack_rows(corpus, starts, lengths, batch_size=batch_size, **kw)
     else:
         ds = _chunk_rows(corpus, starts, lengths, source=source, split=split, **kw)
-    return ds.batch(batch_size).map(_finalize(batch_size))
+    ds = ds.batch(batch_size).map(_finalize(batch_size))
+    if process_count == 1:
+        return ds
+    rows = batch_size // process_count
+    lo = process_index * rows
+    return ds.map(lambda b: {k: v[lo:lo + rows] for k, v in b.items()})
 
 
 def make_iterator(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
                   source: str = "stdlib", packing: str = "pack", max_files: int | None = None,
                   max_bytes: int | None = None, glob: str | None = None, val_every: int = 20,
-                  num_epochs: int | None = None) -> grain.DatasetIterator:
+                  num_epochs: int | None = None, process_index: int = 0,
+                  process_count: int = 1) -> grain.DatasetIterator:
     """``iter(make_dataset(...))``: a checkpointable iterator of batches.
 
     ``get_state()`` returns a JSON-serializable dict of ints; ``set_state(state)`` on an
@@ -313,7 +330,8 @@ def make_iterator(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
     return iter(make_dataset(split, seq_len=seq_len, batch_size=batch_size, seed=seed,
                              source=source, packing=packing, max_files=max_files,
                              max_bytes=max_bytes, glob=glob, val_every=val_every,
-                             num_epochs=num_epochs))
+                             num_epochs=num_epochs, process_index=process_index,
+                             process_count=process_count))
 
 
 def encode_state(state: dict) -> dict:
@@ -342,10 +360,11 @@ class DataConfig:
     def __post_init__(self):
         checks.choice("DataConfig", "packing", self.packing, PACKING_MODES)
 
-    def iterator(self, split: str, *, seq_len: int, batch_size: int,
-                 seed: int = 0) -> grain.DatasetIterator:
+    def iterator(self, split: str, *, seq_len: int, batch_size: int, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
         """``make_iterator(split, ...)`` over this corpus and pipeline."""
         return make_iterator(split, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                             process_index=process_index, process_count=process_count,
                              **dataclasses.asdict(self))
 
     def corpus(self) -> Corpus:

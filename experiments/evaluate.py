@@ -26,6 +26,7 @@ if __name__ == "__main__":  # run the importable module, so gin sees one copy of
     run()
     raise SystemExit(0)
 
+import functools
 import json
 import logging
 import os
@@ -41,12 +42,14 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from absl import app
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from experiments import configurables, tasks
+from experiments import checkpoints, configurables, tasks
 from experiments.data import DataConfig, validation_documents
 from experiments.tasks import Passkey
 from experiments.train import build_model, merge_model, split_model
-from lcattn import checks, memory
+from lcattn import checks, memory, sharding
 from lcattn import model as model_lib
 
 matplotlib.use("Agg")
@@ -55,42 +58,64 @@ import matplotlib.pyplot as plt  # noqa: E402
 log = logging.getLogger("lcattn.evaluate")
 
 
-def restore_model(workdir: str):
-    """``build_model()`` (from the parsed gin config) with the newest checkpoint's parameters."""
+def restore_model(workdir: str, mesh: Mesh | None = None, rules=None):
+    """``build_model()`` (from the parsed gin config) with the newest readable checkpoint's
+    parameters, placed on ``mesh`` (default: one device) by the logical-axis ``rules``."""
+    mesh = mesh or sharding.single_device_mesh()
     model = build_model()
     graphdef, param_state, rest, params = split_model(model)
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    with ocp.CheckpointManager(ckpt_dir) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; train first")
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params)))
-        except (ValueError, KeyError) as err:
-            raise ValueError(f"checkpoint {ckpt_dir}/{step} does not match the configured "
-                             f"model: {err}") from err
+    target = checkpoints.abstract(params, sharding.param_shardings(param_state, mesh, rules))
+    with checkpoints.manager(workdir) as manager:
+        step, restored, _ = checkpoints.restore_newest(manager, ocp.args.Composite(
+            params=ocp.args.StandardRestore(target)))
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {checkpoints.directory(workdir)}; "
+                                "train first")
     return merge_model(graphdef, param_state, rest, restored.params), step
 
 
-def nll_by_position(model, tokens, length, batch_size, attention_override):
-    """Mean NLL at each position ``[length]`` over sequences of ``length + 1`` tokens."""
+def _host(x) -> np.ndarray:
+    """A global array as one numpy array on every process."""
+    if jax.process_count() > 1:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def _global(array: np.ndarray, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
+    """A host array (the same on every process) as a global array sharded by ``spec``."""
+    return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec),
+                                        lambda index: array[index])
+
+
+def nll_by_position(model, tokens, length, batch_size, attention_override, mesh=None):
+    """Mean NLL at each position ``[length]`` over sequences of ``length + 1`` tokens.
+
+    Batches of ``batch_size`` sequences (the last one padded with zero-weight rows) are
+    sharded over the batch axes of ``mesh`` (default: one device).
+    """
     n = (len(tokens) - 1) // length
     if n < 1:
         raise ValueError(f"validation text ({len(tokens)} tokens) is shorter than eval length "
                          f"{length}")
     seqs = np.stack([tokens[i * length:(i + 1) * length + 1] for i in range(n)])
     graphdef, state = nnx.split(model)
+    mesh = mesh or sharding.single_device_mesh()
+    rows = sharding.batch_sharding(mesh).spec[0]
 
-    @jax.jit
-    def nll(state, batch):
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    def nll(state, batch, weight):
         logits = nnx.merge(graphdef, state)(batch[:, :-1], attention_override=attention_override)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+        return jnp.sum(per_token * weight[:, None], axis=0)
 
     total = np.zeros(length)
     for i in range(0, n, batch_size):
-        chunk = seqs[i:i + batch_size]
-        total += np.asarray(nll(state, jnp.asarray(chunk, jnp.int32))).sum(0)
+        chunk = np.zeros((batch_size, length + 1), np.int32)
+        weight = np.zeros(batch_size, np.float32)
+        part = seqs[i:i + batch_size]
+        chunk[:len(part)], weight[:len(part)] = part, 1.0
+        total += _host(nll(state, _global(chunk, mesh, PartitionSpec(rows, None)),
+                           _global(weight, mesh, PartitionSpec(rows))))
     return total / n
 
 
@@ -108,7 +133,7 @@ def passkey_accuracy(model, lengths, depths, trials, attention_override, seed=0)
         examples = [tasks.passkey_example(length, depth, seed=seed + 1000 * i + 100 * j + t)
                     for j, depth in enumerate(depths) for t in range(trials)]
         prompts = jnp.asarray(np.stack([ex["prompt"] for ex in examples]), jnp.int32)
-        out = np.asarray(generate(model, prompts, len(examples[0]["answer"]),
+        out = _host(generate(model, prompts, len(examples[0]["answer"]),
                                   attention_override=attention_override))
         hits = [np.array_equal(row, ex["answer"]) for row, ex in zip(out, examples)]
         acc[i] = np.asarray(hits, float).reshape(len(depths), trials).mean(axis=1)
@@ -153,7 +178,8 @@ def _plots(workdir, stem, lengths, losses, nll, depths, passkey):
 
 @gin.configurable
 def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
-             data: DataConfig = DataConfig(), length_multipliers=(1, 2, 4, 8, 16),
+             data: DataConfig = DataConfig(), mesh: Mesh | None = None,
+             length_multipliers=(1, 2, 4, 8, 16),
              max_tokens: int = 65_536, batch_size: int = 8, attention_override=None,
              passkey: Passkey | None = Passkey(), length_unit: int | None = None,
              output_name: str = "eval") -> dict:
@@ -164,42 +190,43 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
     multiples of ``length_unit``; None: the segment length of an HMT model (its long inputs run
     through the segment recurrence), else the training length (from the checkpoint's
     ``run.json``). ``max_tokens`` caps the validation text. ``passkey``: the passkey grid
-    (``tasks.Passkey``), None or ``trials=0`` to skip it.
+    (``tasks.Passkey``), None or ``trials=0`` to skip it. ``mesh``: the device mesh
+    (``configs/mesh/*.gin``; None: one device), whatever mesh the run trained on; parameters
+    are placed by the logical-axis rules and ``batch_size`` sequences are sharded over the
+    batch axes. Only process 0 writes files.
     """
     checks.integers("evaluate", "length_multipliers", length_multipliers)
     checks.integer("evaluate", "length_unit", length_unit, allow_none=True)
     if passkey is not None and not isinstance(passkey, Passkey):
         raise ValueError(f"evaluate: `passkey` must be None or a Passkey (@tasks.Passkey()), "
                          f"got {passkey!r}")
-    t0 = time.perf_counter()
-    source = checkpoint_workdir or workdir
-    with open(os.path.join(source, "run.json")) as f:
-        train_seq_len = json.load(f)["seq_len"]
-    model, step = restore_model(source)
-    if length_unit is None:
-        length_unit = (model.config.segment_len if isinstance(model, memory.HMT)
-                       else train_seq_len)
-    lengths = [length_unit * m for m in length_multipliers]
-    docs = validation_documents(data)
-    tokens = np.concatenate(docs)[:max(max_tokens, max(lengths) + 1)]
-    nll = np.full((len(lengths), max(lengths)), np.nan)
-    losses = []
-    for i, length in enumerate(lengths):
-        curve = nll_by_position(model, tokens, length, batch_size, attention_override)
-        nll[i, :length] = curve
-        losses.append(float(curve.mean()))
-        log.info("L=%d loss %.4f (%.0fs)", length, losses[-1], time.perf_counter() - t0)
-    grid = passkey if passkey is not None and passkey.trials else None
-    accuracy, pk_lengths = None, [length_unit * m for m in (grid.multipliers if grid else ())]
-    if grid:
-        accuracy = passkey_accuracy(model, pk_lengths, list(grid.depths), grid.trials,
-                                    attention_override)
-    os.makedirs(workdir, exist_ok=True)
-    zarr = os.path.join(workdir, f"{output_name}.zarr")
-    _write_zarr(zarr, "loss", np.asarray(losses))
-    _write_zarr(zarr, "nll_by_position", nll)
-    if accuracy is not None:
-        _write_zarr(zarr, "passkey_accuracy", accuracy)
+    mesh = configurables.check_mesh("evaluate", mesh)
+    rules = configurables.axis_rules()
+    sharding.check_batch(batch_size, None, mesh, rules, "evaluate")
+    with jax.set_mesh(mesh), sharding.use_rules(rules):
+        t0 = time.perf_counter()
+        source = checkpoint_workdir or workdir
+        with open(os.path.join(source, "run.json")) as f:
+            train_seq_len = json.load(f)["seq_len"]
+        model, step = restore_model(source, mesh, rules)
+        if length_unit is None:
+            length_unit = (model.config.segment_len if isinstance(model, memory.HMT)
+                           else train_seq_len)
+        lengths = [length_unit * m for m in length_multipliers]
+        docs = validation_documents(data)
+        tokens = np.concatenate(docs)[:max(max_tokens, max(lengths) + 1)]
+        nll = np.full((len(lengths), max(lengths)), np.nan)
+        losses = []
+        for i, length in enumerate(lengths):
+            curve = nll_by_position(model, tokens, length, batch_size, attention_override, mesh)
+            nll[i, :length] = curve
+            losses.append(float(curve.mean()))
+            log.info("L=%d loss %.4f (%.0fs)", length, losses[-1], time.perf_counter() - t0)
+        grid = passkey if passkey is not None and passkey.trials else None
+        accuracy, pk_lengths = None, [length_unit * m for m in (grid.multipliers if grid else ())]
+        if grid:
+            accuracy = passkey_accuracy(model, pk_lengths, list(grid.depths), grid.trials,
+                                        attention_override)
     result = {"checkpoint": os.path.abspath(checkpoint_workdir or workdir), "step": int(step),
               "attention_override": repr(attention_override), "lengths": lengths,
               "length_unit": length_unit,
@@ -208,10 +235,17 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
                   "lengths": pk_lengths, "depths": list(grid.depths),
                   "accuracy": accuracy.tolist(), "trials": grid.trials},
               "seconds": time.perf_counter() - t0}
-    _plots(workdir, output_name, lengths, losses, nll, list(grid.depths) if grid else [],
-           accuracy)
-    with open(os.path.join(workdir, f"{output_name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        zarr = os.path.join(workdir, f"{output_name}.zarr")
+        _write_zarr(zarr, "loss", np.asarray(losses))
+        _write_zarr(zarr, "nll_by_position", nll)
+        if accuracy is not None:
+            _write_zarr(zarr, "passkey_accuracy", accuracy)
+        _plots(workdir, output_name, lengths, losses, nll, list(grid.depths) if grid else [],
+               accuracy)
+        with open(os.path.join(workdir, f"{output_name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 
@@ -219,6 +253,7 @@ def main(argv, bindings):
     del argv
     if not configurables.WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    configurables.init_distributed()
     config = os.path.join(configurables.WORKDIR.value, "config.gin")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"--workdir: {config} not found; train first")

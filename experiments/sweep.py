@@ -4,7 +4,8 @@ r"""The main job: train and evaluate a set of gin variants, then tabulate length
 [--workdir=DIR]`` (default sweep ``configs/sweeps/quick.gin``, default workdir
 ``runs/<sweep name>``). For each variant ``V`` of ``sweep.variants`` (a dict
 ``name -> {"gin": [files], "bindings": [...], "checkpoint_from": name | None}``) the config is
-``sweep.base_gin`` + the variant's files + its bindings + the command line's ``--gin.`` bindings;
+``sweep.base_gin`` + the variant's files + the command line's ``--gin_file``s (e.g. a mesh,
+``configs/mesh/dp8.gin``) + its bindings + the command line's ``--gin.`` bindings;
 ``DIR/V`` is trained with ``experiments.train.train`` (or, with ``checkpoint_from``, the named
 variant's checkpoint is reused — LM-Infinite needs no training) and evaluated with
 ``experiments.evaluate.evaluate``. Finished variants (``DIR/V/eval.json`` present) are skipped,
@@ -25,6 +26,7 @@ import os
 import time
 
 import gin
+import jax
 import matplotlib
 import numpy as np
 import tensorstore as ts
@@ -41,12 +43,13 @@ log = logging.getLogger("lcattn.sweep")
 DEFAULT_SWEEP = "configs/sweeps/quick.gin"
 
 
-def _variant_config(base_gin, variant: dict, extra_bindings):
-    files = list(base_gin) + list(variant.get("gin", ()))
+def _variant_config(base_gin, variant: dict, extra_files, extra_bindings):
+    files = list(base_gin) + list(variant.get("gin", ())) + list(extra_files)
     configurables.parse(files, list(variant.get("bindings", ())) + list(extra_bindings))
 
 
-def run_variant(name: str, variant: dict, variants: dict, base_gin, workdir: str, extra_bindings):
+def run_variant(name: str, variant: dict, variants: dict, base_gin, workdir: str,
+                extra_bindings, extra_files=()):
     """Train (unless ``checkpoint_from``) and evaluate one variant into ``workdir/name``."""
     vdir = os.path.join(workdir, name)
     unknown = set(variant) - {"gin", "bindings", "checkpoint_from"}
@@ -58,9 +61,9 @@ def run_variant(name: str, variant: dict, variants: dict, base_gin, workdir: str
         raise ValueError(f"sweep.variants[{name!r}].checkpoint_from: {source!r} is not a "
                          f"variant; variants: {sorted(variants)}")
     if source is None:
-        _variant_config(base_gin, variant, extra_bindings)
+        _variant_config(base_gin, variant, extra_files, extra_bindings)
         train(vdir)
-    _variant_config(base_gin, variant, extra_bindings)
+    _variant_config(base_gin, variant, extra_files, extra_bindings)
     os.makedirs(vdir, exist_ok=True)
     with open(os.path.join(vdir, "variant.gin"), "w") as f:
         f.write(gin.config_str())
@@ -117,11 +120,13 @@ def write_results(workdir: str, results: dict):
 
 @gin.configurable
 def sweep(*, name: str = "quick", base_gin=(), variants=gin.REQUIRED, workdir: str | None = None,
-          extra_bindings=(), cli_bindings=()) -> dict:
+          extra_bindings=(), cli_bindings=(), cli_files=()) -> dict:
     """Run every variant (skipping finished ones) and write the results; returns them.
 
-    ``extra_bindings`` (from the sweep's gin file) then ``cli_bindings`` (the command line's
-    ``--gin.`` flags) apply to every variant, after its own files and bindings.
+    ``cli_files`` (the command line's ``--gin_file``s, e.g. ``configs/mesh/dp8.gin``) apply to
+    every variant after its own files; ``extra_bindings`` (from the sweep's gin file) then
+    ``cli_bindings`` (the command line's ``--gin.`` flags) after its own bindings. Only
+    process 0 writes the results.
     """
     extra_bindings = list(extra_bindings) + list(cli_bindings)
     if not isinstance(variants, dict) or not variants:
@@ -138,7 +143,10 @@ def sweep(*, name: str = "quick", base_gin=(), variants=gin.REQUIRED, workdir: s
             continue
         log.info("[%d/%d] %s (%.0fs elapsed)", i + 1, len(variants), vname,
                  time.perf_counter() - t0)
-        results[vname] = run_variant(vname, variant, variants, base_gin, workdir, extra_bindings)
+        results[vname] = run_variant(vname, variant, variants, base_gin, workdir, extra_bindings,
+                                     cli_files)
+    if jax.process_index() != 0:
+        return results
     table = write_results(workdir, results)
     log.info("sweep %s done in %.0fs\n%s", name, time.perf_counter() - t0, table)
     with open(os.path.join(workdir, "sweep_seconds.txt"), "w") as f:
@@ -148,8 +156,15 @@ def sweep(*, name: str = "quick", base_gin=(), variants=gin.REQUIRED, workdir: s
 
 def main(argv, bindings):
     del argv
-    configurables.parse(configurables.GIN_FILES.value or [DEFAULT_SWEEP], bindings)
-    sweep(workdir=configurables.WORKDIR.value, cli_bindings=bindings)
+    configurables.init_distributed()
+    files = list(configurables.GIN_FILES.value)
+    configurables.parse(files, bindings)
+    try:
+        gin.query_parameter("sweep.variants")
+    except ValueError:  # no sweep file given (e.g. only a mesh file): the default sweep
+        files = [DEFAULT_SWEEP] + files
+        configurables.parse(files, bindings)
+    sweep(workdir=configurables.WORKDIR.value, cli_bindings=bindings, cli_files=files)
 
 
 def run():

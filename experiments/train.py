@@ -37,16 +37,18 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from experiments import configurables
+from experiments import checkpoints, configurables
 from experiments import data as data_lib
 from experiments.data import DataConfig
-from lcattn import checks
+from lcattn import checks, sharding
 from lcattn.layers import Mamba2Config
 from lcattn.memory import HMT, HMTConfig
 from lcattn.model import DecoderLM
 
 log = logging.getLogger("lcattn.train")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 _GIN_NAMES = {Mamba2Config: "layers.Mamba2Config", HMTConfig: "memory.HMTConfig"}
 
 
@@ -56,6 +58,7 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
                 mlp_dim: int | None = None, layer_pattern=("attn",), attention_specs=None,
                 tie_embeddings: bool = True, backend: str = "auto",
                 mamba2: Mamba2Config | None = None, memory: HMTConfig | None = None,
+                compute_dtype: str = "float32", remat: str | None = None,
                 seed: int = 0) -> DecoderLM | HMT:
     """A ``DecoderLM`` of ``num_layers`` layers (``lcattn.model``), optionally inside HMT.
 
@@ -76,6 +79,10 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
       memory: an ``lcattn.memory.HMTConfig`` wraps the decoder in ``lcattn.memory.HMT``
         (``configs/memory/hmt.gin``); None: the plain decoder. The decoder's parameters are
         drawn first, so they do not depend on it.
+      compute_dtype: ``"float32"`` or ``"bfloat16"``: matmuls and activations; parameters
+        stay float32, attention statistics, norm statistics and the loss float32.
+      remat: None, or a ``jax.checkpoint_policies`` name (``lcattn.model.REMAT_POLICIES``,
+        e.g. ``"nothing_saveable"``) to rematerialize each block in the backward pass.
       seed: parameter initialization.
     """
     checks.integer("build_model", "num_layers", num_layers)
@@ -90,6 +97,7 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
         if value is not None and not isinstance(value, kind):
             raise ValueError(f"build_model: `{name}` must be None or a {kind.__name__} "
                              f"(@{_GIN_NAMES[kind]}()), got {value!r}")
+    checks.choice("build_model", "compute_dtype", compute_dtype, COMPUTE_DTYPES)
     rngs = nnx.Rngs(seed)
     model = DecoderLM(
         vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
@@ -97,7 +105,7 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
         mlp_dim=mlp_dim or 4 * d_model,
         layer_pattern=tuple(layer_pattern) * (num_layers // len(layer_pattern)),
         attention_specs=attention_specs, tie_embeddings=tie_embeddings, backend=backend,
-        mamba2=mamba2, rngs=rngs)
+        mamba2=mamba2, dtype=jnp.dtype(compute_dtype), remat=remat, rngs=rngs)
     return model if memory is None else HMT(model, memory, rngs=rngs)
 
 
@@ -160,9 +168,21 @@ def _progress(step, num_steps, start, t0, loss, tokens_per_sec):
              loss, rate, tokens_per_sec, eta // 60, eta % 60)
 
 
+def make_optimizer(schedule, weight_decay: float, grad_clip: float):
+    """Global-norm clipping, then AdamW."""
+    return optax.chain(optax.clip_by_global_norm(grad_clip),
+                       optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def place_batch(batch: dict, sharding_, batch_size: int) -> dict:
+    """This host's rows of a batch -> global arrays sharded by ``sharding_``."""
+    return {k: jax.make_array_from_process_local_data(sharding_, v, (batch_size,) + v.shape[1:])
+            for k, v in batch.items()}
+
+
 @gin.configurable
-def train(workdir: str, *, data: DataConfig = DataConfig(), num_steps: int = 300,
-          batch_size: int = 16, seq_len: int = 128,
+def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = None,
+          num_steps: int = 300, batch_size: int = 16, seq_len: int = 128,
           learning_rate: float = 3e-3, warmup_steps: int = 30, end_lr_fraction: float = 0.1,
           weight_decay: float = 0.1, grad_clip: float = 1.0, checkpoint_every: int = 100,
           keep_checkpoints: int = 2, log_every: int = 10, seed: int = 0,
@@ -170,8 +190,13 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), num_steps: int = 300
     """Train ``build_model()`` on ``data``'s training split; returns the last metrics.
 
     ``data``: the corpus and pipeline (``experiments.data.DataConfig``; gin:
-    ``train.data = @data.DataConfig()``). ``stop_at_step`` simulates a preemption: stop after
-    that step without a final checkpoint.
+    ``train.data = @data.DataConfig()``). ``mesh``: the device mesh
+    (``lcattn.sharding.make_mesh``; gin: ``configs/mesh/*.gin``); None: one device.
+    Parameters and optimizer moments are sharded by the logical-axis rules
+    (``sharding.logical_rules.overrides`` in gin), batches over ``(data, fsdp)``; the step is
+    one ``jax.jit`` with these in/out shardings, donating parameters and optimizer state.
+    ``batch_size`` is global. ``stop_at_step`` simulates a preemption: stop after that step
+    without a final checkpoint.
     """
     for name, value in (("num_steps", num_steps), ("batch_size", batch_size),
                         ("seq_len", seq_len), ("checkpoint_every", checkpoint_every),
@@ -181,6 +206,9 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), num_steps: int = 300
     if not 0 <= warmup_steps < num_steps:
         raise ValueError(f"train: `warmup_steps` must be in [0, num_steps={num_steps}), "
                          f"got {warmup_steps}")
+    mesh = configurables.check_mesh("train", mesh)
+    rules = configurables.axis_rules()
+    sharding.check_batch(batch_size, seq_len, mesh, rules, "train")
     model = build_model()
     if not isinstance(data, DataConfig):
         raise ValueError(f"train: `data` must be a DataConfig (@data.DataConfig()), got "
@@ -189,24 +217,31 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), num_steps: int = 300
         raise ValueError(f"train: an HMT model reads each row as one stream; set "
                          f"data.DataConfig.packing = 'chunk' (got {data.packing!r}; "
                          "configs/memory/hmt.gin sets it)")
-    iterator = data.iterator("train", seq_len=seq_len, batch_size=batch_size, seed=seed)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-        json.dump({"seq_len": seq_len, "batch_size": batch_size, "num_steps": num_steps}, f)
-    data_lib.write_manifest(workdir, data_lib.corpus_manifest(data))
+    iterator = data.iterator("train", seq_len=seq_len, batch_size=batch_size, seed=seed,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    primary = jax.process_index() == 0
+    if primary:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+        with open(os.path.join(workdir, "run.json"), "w") as f:
+            json.dump({"seq_len": seq_len, "batch_size": batch_size, "num_steps": num_steps}, f)
+        data_lib.write_manifest(workdir, data_lib.corpus_manifest(data))
 
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps, num_steps, learning_rate * end_lr_fraction)
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip),
-                     optax.adamw(schedule, weight_decay=weight_decay))
+    tx = make_optimizer(schedule, weight_decay, grad_clip)
     graphdef, param_state, rest, params = split_model(model)
-    opt_state = tx.init(params)
-    rng = jax.random.key_data(jax.random.key(seed))
+    param_sh = sharding.param_shardings(param_state, mesh, rules)
+    opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.device_put(params, param_sh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated)
 
-    @jax.jit
-    def train_step(params, opt_state, batch):
+    def step_fn(params, opt_state, batch):
         def loss_fn(p):
             logits, mask = forward(merge_model(graphdef, param_state, rest, p), batch)
             return lm_loss(logits, dict(batch, loss_mask=mask))
@@ -216,32 +251,34 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), num_steps: int = 300
         params = optax.apply_updates(params, updates)
         return params, opt_state, loss, optax.tree.norm(grads), optax.tree.norm(params)
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints, create=True,
-                                           enable_async_checkpointing=False)
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    train_step = jax.jit(step_fn, in_shardings=(param_sh, opt_sh, batch_sh),
+                         out_shardings=(param_sh, opt_sh) + (replicated,) * 3,
+                         donate_argnums=(0, 1))
     start = 0
-    with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
-        if manager.latest_step() is not None:
-            start = manager.latest_step()
-            restored = manager.restore(start, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params),
-                opt_state=ocp.args.StandardRestore(opt_state),
-                rng=ocp.args.StandardRestore({"key": rng}), data=ocp.args.JsonRestore()))
-            params, opt_state = restored.params, restored.opt_state
+    with checkpoints.manager(workdir, keep_checkpoints) as manager, jax.set_mesh(mesh), \
+            sharding.use_rules(rules):
+        step, restored, damaged = checkpoints.restore_newest(manager, ocp.args.Composite(
+            params=ocp.args.StandardRestore(checkpoints.abstract(params)),
+            opt_state=ocp.args.StandardRestore(checkpoints.abstract(opt_state)),
+            rng=ocp.args.StandardRestore({"key": checkpoints.abstract(rng)}),
+            data=ocp.args.JsonRestore()))
+        checkpoints.set_aside(manager, workdir, damaged)
+        if step is not None:
+            start, params, opt_state = step, restored.params, restored.opt_state
             rng = restored.rng["key"]
             iterator.set_state(data_lib.decode_state(restored.data))
-            log.info("resumed from step %d in %s", start, ckpt_dir)
-        metrics = _Metrics(os.path.join(workdir, "metrics.jsonl"), start)
+            log.info("resumed from step %d in %s", start, manager.directory)
+        metrics = _Metrics(os.path.join(workdir, "metrics.jsonl"), start) if primary else None
 
         def save(step):
-            manager.save(step, args=ocp.args.Composite(
+            checkpoints.save(manager, step, ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                 rng=ocp.args.StandardSave({"key": rng}),
                 data=ocp.args.JsonSave(data_lib.encode_state(iterator.get_state()))))
 
         row, t0, t_last = {}, time.perf_counter(), time.perf_counter()
         for step in range(start + 1, num_steps + 1):
-            batch = {k: jnp.asarray(v) for k, v in next(iterator).items()}
+            batch = place_batch(next(iterator), batch_sh, batch_size)
             params, opt_state, loss, gnorm, pnorm = train_step(params, opt_state, batch)
             log_now = step % log_every == 0 or step == num_steps
             save_now = step % checkpoint_every == 0 or step == num_steps
@@ -257,7 +294,8 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), num_steps: int = 300
                 t_last = now
                 row = {"step": step, "loss": loss, "learning_rate": float(schedule(step - 1)),
                        "grad_norm": float(gnorm), "tokens_per_sec": tps}
-                metrics.write(row)
+                if metrics is not None:
+                    metrics.write(row)
                 _progress(step, num_steps, start, t0, loss, tps)
             if save_now:
                 save(step)
@@ -272,6 +310,7 @@ def main(argv, bindings):
     del argv
     if not configurables.WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    configurables.init_distributed()
     configurables.parse(configurables.GIN_FILES.value, bindings)
     train(configurables.WORKDIR.value)
 

@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcattn import checks
+from lcattn import checks, sharding
 from lcattn.layers.attention import SpecOverride
 from lcattn.layers.params import param
 from lcattn.model import DecoderLM
@@ -266,6 +266,7 @@ class HMT(nnx.Module):
                  backend: str | None = None) -> jax.Array:
         """``tokens int32 [B, T] -> logits float32 [B, T, V]`` through the recurrence (each row
         is one stream starting at the start state)."""
+        sharding.check_no_context("HMT")
         return self.process(tokens, attention_override=attention_override, backend=backend)[0]
 
     def loss_mask(self, loss_mask: jax.Array) -> jax.Array:

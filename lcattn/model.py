@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcattn import backends, checks
+from lcattn import backends, checks, sharding
 from lcattn.attention import AttentionSpec
 from lcattn.layers import Attention, Mamba2, Mamba2Config, RMSNorm, SwiGLU
 from lcattn.layers.attention import SpecOverride
@@ -76,6 +76,12 @@ def _build_mamba2(dims: Dims, spec: AttentionSpec | None, rngs: nnx.Rngs) -> Mam
     del spec  # takes no AttentionSpec
     return Mamba2(dims.d_model, dims.mamba2.for_model(dims.d_model, dims.num_heads), rngs=rngs)
 
+
+# Logical axes of the residual stream [B, T, D] (``lcattn.sharding``).
+RESIDUAL_AXES = ("batch", "length", "act_embed")
+# ``DecoderLM(remat=...)``: names of ``jax.checkpoint_policies`` without arguments.
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")
 
 MIXERS: dict[str, MixerKind] = {"attn": MixerKind(_build_attention, attention=True),
                                 "mamba2": MixerKind(_build_mamba2, attention=False)}
@@ -154,17 +160,25 @@ class DecoderLM(nnx.Module):
       tie_embeddings: output head ``E^T`` (True) or its own ``[d_model, vocab]`` matrix.
       backend: default ``lcattn.attend`` backend of the attention layers.
       mamba2: sizes and SSM options of the ``"mamba2"`` layers (None: ``Mamba2Config()``).
-      dtype: activation (and KV cache) dtype; parameters are float32, logits float32.
+      dtype: compute dtype of the matmuls and activations (and of the KV cache);
+        parameters stay float32, attention statistics, norms' statistics and logits are
+        float32 whatever it is.
+      remat: None (store activations for the backward pass) or the name of a
+        ``jax.checkpoint_policies`` policy (``REMAT_POLICIES``), e.g. ``"nothing_saveable"``:
+        each block is rematerialized (``nnx.remat``) under it, trading compute for memory.
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, mlp_dim: int, layer_pattern: Sequence[str] = ("attn", "attn"),
                  attention_specs=None, tie_embeddings: bool = True, backend: str = "auto",
-                 mamba2: Mamba2Config | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 mamba2: Mamba2Config | None = None, dtype=jnp.float32,
+                 remat: str | None = None, rngs: nnx.Rngs):
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
                             ("mlp_dim", mlp_dim)):
             checks.integer("DecoderLM", name, value)
         backends.check_name(backend, "DecoderLM")
+        if remat is not None:
+            checks.choice("DecoderLM", "remat", remat, REMAT_POLICIES)
         specs = _layer_specs(layer_pattern, attention_specs)
         mamba2 = Mamba2Config() if mamba2 is None else mamba2
         if not isinstance(mamba2, Mamba2Config):
@@ -172,7 +186,8 @@ class DecoderLM(nnx.Module):
                              f"{mamba2!r}")
         dims = Dims(d_model, num_heads, num_kv_heads, head_dim, mamba2)
         self.layer_pattern, self.backend = tuple(layer_pattern), backend
-        self.d_model, self.vocab_size, self.dtype = d_model, vocab_size, dtype
+        self.d_model, self.vocab_size, self.dtype = d_model, vocab_size, jnp.dtype(dtype)
+        self.remat = remat
         self.embedding = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(d_model)),
                                 (vocab_size, d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(kind, dims, mlp_dim, spec, rngs=rngs)
@@ -184,7 +199,8 @@ class DecoderLM(nnx.Module):
     # -- pieces ----------------------------------------------------------------------------
     def embed(self, tokens: jax.Array) -> jax.Array:
         """``tokens int32 [B, T] -> x [B, T, D]``: ``E[tokens] * sqrt(d_model)`` in ``dtype``."""
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        table = sharding.constrain(self.embedding[...], (None, None))  # gathered whole
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         return x * jnp.asarray(math.sqrt(self.d_model), self.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -214,10 +230,18 @@ class DecoderLM(nnx.Module):
                              f"{jnp.shape(x)}")
         b, t, _ = x.shape
         positions = broadcast_positions("positions", positions, b, t)
-        x = x.astype(self.dtype)
+        x = sharding.constrain(x.astype(self.dtype), RESIDUAL_AXES)
+        backend = backend or self.backend
+
+        def run(block, x, positions, segment_ids):
+            y = block(x, positions=positions, segment_ids=segment_ids,
+                      override=attention_override, backend=backend)
+            return sharding.constrain(y, RESIDUAL_AXES)
+
+        if self.remat is not None:
+            run = nnx.remat(run, policy=getattr(jax.checkpoint_policies, self.remat))
         for block in self.blocks:
-            x = block(x, positions=positions, segment_ids=segment_ids,
-                      override=attention_override, backend=backend or self.backend)
+            x = run(block, x, positions, segment_ids)
         return x
 
     def __call__(self, tokens: jax.Array, *, positions=None, segment_ids=None,

@@ -47,11 +47,17 @@ def test_every_gin_file_parses_binds_and_states_its_command(path):
         return
     files = {"configs/base.gin": BASE, "configs/models": ["configs/base.gin", path],
              "configs/attention": ["configs/base.gin", "configs/models/tiny.gin", path],
-             "configs/memory": BASE + [path]}
+             "configs/memory": BASE + [path], "configs/mesh": BASE + [path]}
     key = path if path == "configs/base.gin" else os.path.dirname(path)
     configurables.parse(files[key], [])
     model = train_lib.build_model()
     assert model is not None
+    if key == "configs/mesh":  # 8 test devices: every mesh file but single.gin uses them all
+        mesh = gin.query_parameter("train.mesh")
+        if path.endswith("single.gin"):
+            assert mesh is None
+        else:
+            assert configurables.make_mesh().devices.size == 8
 
 
 @pytest.mark.parametrize("bindings, error, match", [

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcattn import checks, ssm
+from lcattn import checks, sharding, ssm
 from lcattn.layers.params import fan_in, param
 
 
@@ -213,6 +213,7 @@ class Mamba2(nnx.Module):
         orders the tokens.
         """
         del positions
+        sharding.check_no_context("Mamba2")
         return self._mix(x, ssm.segment_starts(segment_ids), None)[0]
 
     def init_cache(self, batch_size: int, max_len: int | None = None, *,
