@@ -247,9 +247,10 @@ def check_no_context(owner: str) -> None:
 
 def constrain(x: jax.Array, names: tuple) -> jax.Array:
     """``with_sharding_constraint`` of ``x`` to its logical ``names`` under the active rules
-    (``use_rules``, default ``DEFAULT_RULES``); ``x`` unchanged without a mesh."""
+    (``use_rules``, default ``DEFAULT_RULES``); ``x`` unchanged without a mesh and outside
+    ``jit`` (a constraint is a hint to the partitioner)."""
     mesh = _abstract_mesh()
-    if mesh is None or mesh.size == 1:
+    if mesh is None or mesh.size == 1 or not isinstance(x, jax.core.Tracer):
         return x
     rules = _ACTIVE_RULES[-1] if _ACTIVE_RULES else DEFAULT_RULES
     spec = spec_for(names, x.shape, dict(mesh.shape), rules, "activation")

@@ -278,3 +278,14 @@ def test_encode_decode():
     tokens = data.encode("pass key é")
     assert tokens.dtype == np.int32 and tokens.max() < data.VOCAB_SIZE
     assert data.decode(tokens) == "pass key é"
+
+
+def test_each_process_reads_its_rows_of_the_same_global_batches():
+    kw = dict(seq_len=16, batch_size=4, source=FIXTURE, val_every=3)
+    whole = next(data.make_iterator("train", **kw))
+    parts = [next(data.make_iterator("train", process_index=i, process_count=2, **kw))
+             for i in range(2)]
+    for key, value in whole.items():
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        data.make_iterator("train", process_index=0, process_count=3, **kw)
