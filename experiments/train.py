@@ -24,10 +24,12 @@ if __name__ == "__main__":  # run the importable module, so gin sees one copy of
     run()
     raise SystemExit(0)
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from typing import Any
 
 import gin
 import jax
@@ -168,6 +170,41 @@ def _progress(step, num_steps, start, t0, loss, tokens_per_sec):
              loss, rate, tokens_per_sec, eta // 60, eta % 60)
 
 
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+    """Where a training step's inputs and outputs live: ``params`` and ``opt_state`` (trees of
+    ``NamedSharding``, from the logical-axis rules), ``batch`` and ``replicated``."""
+
+    params: dict
+    opt_state: Any
+    batch: NamedSharding
+    replicated: NamedSharding
+
+    @classmethod
+    def of(cls, param_state, params, tx, mesh: Mesh, rules) -> "Shardings":
+        param_sh = sharding.param_shardings(param_state, mesh, rules)
+        return cls(param_sh, sharding.opt_state_shardings(tx, params, param_sh, mesh),
+                   sharding.batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec()))
+
+
+def make_train_step(graphdef, param_state, rest, tx, shard: Shardings):
+    """``step(params, opt_state, batch) -> (params, opt_state, loss, grad norm, param norm)``:
+    one ``jax.jit`` with ``shard``'s in/out shardings, donating params and optimizer state."""
+    def step(params, opt_state, batch):
+        def loss_fn(p):
+            logits, mask = forward(merge_model(graphdef, param_state, rest, p), batch)
+            return lm_loss(logits, dict(batch, loss_mask=mask))
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss, optax.tree.norm(grads), optax.tree.norm(params)
+
+    return jax.jit(step, in_shardings=(shard.params, shard.opt_state, shard.batch),
+                   out_shardings=(shard.params, shard.opt_state) + (shard.replicated,) * 3,
+                   donate_argnums=(0, 1))
+
+
 def make_optimizer(schedule, weight_decay: float, grad_clip: float):
     """Global-norm clipping, then AdamW."""
     return optax.chain(optax.clip_by_global_norm(grad_clip),
@@ -233,27 +270,11 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
         0.0, learning_rate, warmup_steps, num_steps, learning_rate * end_lr_fraction)
     tx = make_optimizer(schedule, weight_decay, grad_clip)
     graphdef, param_state, rest, params = split_model(model)
-    param_sh = sharding.param_shardings(param_state, mesh, rules)
-    opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
-    batch_sh = sharding.batch_sharding(mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params = jax.device_put(params, param_sh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated)
-
-    def step_fn(params, opt_state, batch):
-        def loss_fn(p):
-            logits, mask = forward(merge_model(graphdef, param_state, rest, p), batch)
-            return lm_loss(logits, dict(batch, loss_mask=mask))
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, optax.tree.norm(grads), optax.tree.norm(params)
-
-    train_step = jax.jit(step_fn, in_shardings=(param_sh, opt_sh, batch_sh),
-                         out_shardings=(param_sh, opt_sh) + (replicated,) * 3,
-                         donate_argnums=(0, 1))
+    shard = Shardings.of(param_state, params, tx, mesh, rules)
+    params = jax.device_put(params, shard.params)
+    opt_state = jax.jit(tx.init, out_shardings=shard.opt_state)(params)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shard.replicated)
+    train_step = make_train_step(graphdef, param_state, rest, tx, shard)
     start = 0
     with checkpoints.manager(workdir, keep_checkpoints) as manager, jax.set_mesh(mesh), \
             sharding.use_rules(rules):
@@ -278,7 +299,7 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
 
         row, t0, t_last = {}, time.perf_counter(), time.perf_counter()
         for step in range(start + 1, num_steps + 1):
-            batch = place_batch(next(iterator), batch_sh, batch_size)
+            batch = place_batch(next(iterator), shard.batch, batch_size)
             params, opt_state, loss, gnorm, pnorm = train_step(params, opt_state, batch)
             log_now = step % log_every == 0 or step == num_steps
             save_now = step % checkpoint_every == 0 or step == num_steps
