@@ -12,9 +12,14 @@ steps, read by evaluation), ``corpus.json`` (corpus sha256 and
 Python version), ``metrics.jsonl`` (one JSON object per logged step: ``step``, ``loss``,
 ``learning_rate``, ``grad_norm``, ``tokens_per_sec``) and ``checkpoints/`` (orbax: parameters,
 optimizer state, data-iterator state and RNG; periodic and final; the newest
-``keep_checkpoints`` kept; each save is atomic). Re-running the same command resumes from the
-newest checkpoint; a resumed run writes the same losses as one that never stopped (bitwise on
-CPU). Configuration errors stop the run before any checkpoint is read or written.
+``keep_checkpoints`` kept; each save is atomic and its files' CRC-32 recorded). Re-running the
+same command resumes from the newest intact checkpoint (on any mesh; ``experiments.checkpoints``
+says what happens to a damaged one); a resumed run writes the same losses as one that never
+stopped (bitwise on CPU, on the same mesh). Configuration errors stop the run before any
+checkpoint is read or written.
+
+Sharded: ``--gin_file=configs/mesh/fsdp8.gin`` (any ``configs/mesh/*.gin``) trains over that
+mesh; ``--multihost`` first calls ``jax.distributed.initialize()`` (README, "Sharded runs").
 """
 from __future__ import annotations
 
