@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcattn import backends, checks
+from lcattn import backends, checks, sharding
 from lcattn import masks as masks_lib
 from lcattn import normalizers as norms_lib
 from lcattn import positions as pos_lib
@@ -77,6 +77,7 @@ class Inputs:
     q_seg: jax.Array | None
     kv_seg: jax.Array | None
     default_k_pos: bool
+    num_keys: int | None = None  # keys at positions 0..num_keys-1 (default: the k length)
 
 
 def validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids) -> Inputs:
@@ -112,7 +113,7 @@ def validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids) -
 
 def _visible_counts(pass_fn, q, k, spec, inp: Inputs):
     """``N_i`` as float32 ``[B, Tq]``: analytic for default key positions, else a counting pass."""
-    tk = k.shape[1]
+    tk = inp.num_keys or k.shape[1]
     if inp.default_k_pos and inp.q_seg is None:
         return jnp.asarray(spec.mask.count(inp.q_pos, 0, tk - 1), jnp.float32)
     ones = jnp.zeros(q.shape[:2] + (1,), jnp.float32)
@@ -137,10 +138,11 @@ def streaming_attend(pass_fn: Callable, q, k, v, spec: AttentionSpec, inp: Input
     q_pos_f = jnp.broadcast_to(jnp.asarray(inp.q_pos, jnp.float32)[..., None], rows)
     ctx = {"count": jnp.ones(rows, jnp.float32), "q_pos": q_pos_f,
            "lse": jnp.zeros(rows, jnp.float32)}
+    ctx = sharding.varying_like(ctx, q)  # inside shard_map: per-device, like q
     log_count = jnp.zeros((b, tq, 1), jnp.float32)
     if norm.needs_count:
         count = _visible_counts(pass_fn, q, k, spec, inp)
-        ctx["count"] = jnp.broadcast_to(count[..., None], rows)
+        ctx["count"] = sharding.varying_like(jnp.broadcast_to(count[..., None], rows), q)
         log_count = jnp.log(jnp.maximum(count, 1.0))[..., None]
     slopes = spec.position.slopes(hq)
     branches = []
@@ -163,7 +165,8 @@ def streaming_attend(pass_fn: Callable, q, k, v, spec: AttentionSpec, inp: Input
 
 def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
            q_segment_ids=None, kv_segment_ids=None, backend: str = "auto", interpret=None,
-           block_sizes: BlockSizes | tuple[int, int] | None = None):
+           block_sizes: BlockSizes | tuple[int, int] | None = None,
+           context_axis: str | None = None, context_layout: str = "contiguous"):
     """Attention ``[B, Tq, Hq, D] x [B, Tk, Hkv, D] x [B, Tk, Hkv, Dv] -> [B, Tq, Hq, Dv]``.
 
     Args:
@@ -179,12 +182,47 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
         platform. Ignored by ``reference`` and ``xla``.
       block_sizes: tiles of blockwise backends: a ``pallas_kernels.block_sizes.BlockSizes``
         (forward and backward sizes), a ``(block_q, block_k)`` pair, or None (512 x 512).
+      context_axis: inside ``jax.shard_map``, the mesh axis the sequence is sharded over: q,
+        k, v (and positions, segment ids) are this device's shard and attention runs as a
+        ring (``lcattn.backends.ring``) around the backend's pass. Positions default to the
+        layout's global positions; given positions must be global too (a shard's local
+        ``arange`` would be wrong, and cannot be detected inside ``jit``).
+      context_layout: which tokens each device holds (``lcattn.backends.ring_plan``):
+        ``"contiguous"`` (Local / Λ) or ``"zigzag"`` (Causal / Full: balanced work).
     """
     if not isinstance(spec, AttentionSpec):
         raise ValueError(f"`spec` must be an AttentionSpec, got {spec!r}")
     impl = backends.resolve_backend(backend, spec)
+    if context_axis is not None:
+        return _ring_attend(impl, q, k, v, spec, q_positions, k_positions, q_segment_ids,
+                            kv_segment_ids, interpret, block_sizes, context_axis, context_layout)
     inp = validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids)
     if not impl.streaming:
         return impl.load().attend(q, k, v, spec, inp)
     pass_fn = impl.load().pass_fn(BlockSizes.of(block_sizes), interpret)
     return streaming_attend(pass_fn, q, k, v, spec, inp)
+
+
+def _ring_attend(impl, q, k, v, spec, q_positions, k_positions, q_segment_ids, kv_segment_ids,
+                 interpret, block_sizes, axis, layout):
+    from lcattn.backends import ring
+
+    try:
+        n = jax.lax.axis_size(axis)
+    except NameError as err:
+        raise ValueError(f"context_axis={axis!r}: attend must run inside jax.shard_map over a "
+                         f"mesh with that axis (the sequence sharded on it)") from err
+    if not impl.streaming:
+        raise ValueError(f"context_axis: backend {impl.name!r} is dense; ring attention runs "
+                         f"a streaming backend's pass ({backends.streaming_names()})")
+    if q.shape[1] != k.shape[1] or (q_positions is None) != (k_positions is None):
+        raise ValueError(f"context_axis: ring attention is self-attention over the sharded "
+                         f"sequence: q and k need the same local length (got {q.shape[1]} and "
+                         f"{k.shape[1]}) and positions both given or both default")
+    default = q_positions is None
+    if default:
+        q_positions = k_positions = ring.layout_positions(axis, layout, q.shape[1])
+    inp = validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids)
+    inp = dataclasses.replace(inp, default_k_pos=default, num_keys=n * k.shape[1])
+    local = impl.load().pass_fn(BlockSizes.of(block_sizes), interpret)
+    return streaming_attend(ring.pass_fn(local, axis, layout), q, k, v, spec, inp)

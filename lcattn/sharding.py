@@ -22,7 +22,9 @@ array is not sharded over it; one log line per call lists them.
   mesh)`` / ``batch_sharding(mesh)`` -- ``NamedSharding`` trees for ``jax.jit``;
 * ``use_rules(rules)`` and ``constrain(x, names)`` -- activation constraints inside a
   ``jax.set_mesh`` context (no-ops without a mesh);
-* ``axis_size(name)`` -- the size of a mesh axis of the current (abstract) mesh, 1 if none.
+* ``axis_size(name)`` -- the size of a mesh axis of the current (abstract) mesh, 1 if none;
+* ``vma(x)`` / ``varying_like(tree, *refs)`` -- inside ``shard_map``: the manual axes a value
+  varies over, and casting loop carries to match them.
 """
 from __future__ import annotations
 
@@ -243,6 +245,25 @@ def check_no_context(owner: str) -> None:
     if n > 1:
         raise ValueError(f"{owner}: the mesh shards the sequence over 'context' (size {n}), "
                          f"which {owner} does not support yet; use a mesh with context=1")
+
+
+def vma(x) -> set:
+    """The manual mesh axes ``x`` varies over (inside ``shard_map``; empty elsewhere)."""
+    aval = jax.typeof(x)  # jax 0.10: manual_axis_type.varying; later releases: vma
+    mat = getattr(aval, "manual_axis_type", None)
+    return set(mat.varying if mat is not None else getattr(aval, "vma", ()) or ())
+
+
+def varying_like(tree, *refs):
+    """``tree`` typed as varying over the manual mesh axes of ``refs`` (inside ``shard_map``,
+    loop carries must match the per-device values they are combined with); else unchanged."""
+    axes = set().union(*(vma(r) for r in jax.tree.leaves(refs)))
+
+    def cast(x):
+        missing = tuple(sorted(axes - vma(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree) if axes else tree
 
 
 def constrain(x: jax.Array, names: tuple) -> jax.Array:

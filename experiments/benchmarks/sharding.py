@@ -163,8 +163,8 @@ def main(argv):
     if "single" not in _MESHES.value:
         raise app.UsageError("--meshes must include 'single' (the baseline)")
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-                          "jax": jax.__version__},
+                          "devices": jax.device_count(),
+                          "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__},
               "memory_model": _MEMORY_MODEL.value, "batch": _BATCH.value,
               "seq_len": _SEQ_LEN.value, "memory": [], "throughput": []}
     for mesh in _MESHES.value:

@@ -69,6 +69,11 @@ AUTO: tuple[AutoRule, ...] = (
 )
 
 
+def streaming_names() -> tuple[str, ...]:
+    """The registered streaming backends (those ring attention can run)."""
+    return tuple(name for name, b in REGISTRY.items() if b.streaming)
+
+
 def names() -> tuple[str, ...]:
     """Every accepted backend name: ``"auto"`` and the registered ones."""
     return ("auto",) + tuple(REGISTRY)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lcattn.positions import alibi_bias
+from lcattn.sharding import varying_like
 from pallas_kernels import block_sparse
 from pallas_kernels.block_sizes import BlockSizes, tilings
 from pallas_kernels.block_sparse import pad_axis
@@ -73,7 +74,8 @@ def _forward(cfg: _Config, q, k, v, ctx, aux):
             t = jnp.where(vis, norm.log_weight(s, ctx_i, cfg.pass_idx), -jnp.inf)
             return norm.update(state, t, v[j] if cfg.with_values else None)
 
-        state = jax.lax.fori_loop(0, aux["kv_count"][i], step, norm.init(rows, dv))
+        state = jax.lax.fori_loop(0, aux["kv_count"][i], step,
+                                  varying_like(norm.init(rows, dv), qi, k, v, ctx_i, aux))
         return norm.finalize(state)
 
     return jax.lax.map(per_q_block, (jnp.arange(q.shape[0]), q, ctx))
@@ -109,12 +111,14 @@ def _backward(cfg: _Config, q, k, v, ctx, aux, out, lse, dout, dlse):
             dk = dk.at[j].add(jnp.matmul(_swap(ds), qi.astype(jnp.float32)))
             return dq, jax.tree.map(jnp.add, dctx, dc), dk, dv
 
-        init = (jnp.zeros(qi.shape, jnp.float32), jax.tree.map(jnp.zeros_like, ctx_i)) + carry
+        init = varying_like((jnp.zeros(qi.shape, jnp.float32),
+                              jax.tree.map(jnp.zeros_like, ctx_i)), qi, k, v, ctx_i, aux) + carry
         dq, dctx, dk, dv = jax.lax.fori_loop(0, aux["kv_count"][i], step, init)
         return (dk, dv), (dq, dctx)
 
-    carry = (jnp.zeros(k.shape, jnp.float32),
-             jnp.zeros(v.shape, jnp.float32) if cfg.with_values else None)
+    carry = varying_like((jnp.zeros(k.shape, jnp.float32),
+                           jnp.zeros(v.shape, jnp.float32) if cfg.with_values else None),
+                          q, k, v, ctx, aux, dout, dlse)
     dout_f = dout if cfg.with_values else jnp.zeros(lse.shape + (0,), jnp.float32)
     (dk, dv), (dq, dctx) = jax.lax.scan(
         per_q_block, carry, (jnp.arange(q.shape[0]), q, ctx, dout_f, lse, row_dot, dlse))
