@@ -30,6 +30,8 @@ from lcattn import normalizers as norms_lib
 from lcattn import positions as pos_lib
 from pallas_kernels.block_sizes import BlockSizes
 
+CONTEXT_STRATEGIES = ("ring", "all_gather")
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
@@ -166,7 +168,8 @@ def streaming_attend(pass_fn: Callable, q, k, v, spec: AttentionSpec, inp: Input
 def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
            q_segment_ids=None, kv_segment_ids=None, backend: str = "auto", interpret=None,
            block_sizes: BlockSizes | tuple[int, int] | None = None,
-           context_axis: str | None = None, context_layout: str = "contiguous"):
+           context_axis: str | None = None, context_layout: str = "contiguous",
+           context_strategy: str = "ring"):
     """Attention ``[B, Tq, Hq, D] x [B, Tk, Hkv, D] x [B, Tk, Hkv, Dv] -> [B, Tq, Hq, Dv]``.
 
     Args:
@@ -189,13 +192,17 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
         ``arange`` would be wrong, and cannot be detected inside ``jit``).
       context_layout: which tokens each device holds (``lcattn.backends.ring_plan``):
         ``"contiguous"`` (Local / Λ) or ``"zigzag"`` (Causal / Full: balanced work).
+      context_strategy: ``"ring"`` (send what the mask needs) or ``"all_gather"`` (gather
+        every key on every device; for comparison).
     """
     if not isinstance(spec, AttentionSpec):
         raise ValueError(f"`spec` must be an AttentionSpec, got {spec!r}")
     impl = backends.resolve_backend(backend, spec)
     if context_axis is not None:
+        checks.choice("attend", "context_strategy", context_strategy, CONTEXT_STRATEGIES)
         return _ring_attend(impl, q, k, v, spec, q_positions, k_positions, q_segment_ids,
-                            kv_segment_ids, interpret, block_sizes, context_axis, context_layout)
+                            kv_segment_ids, interpret, block_sizes, context_axis, context_layout,
+                            context_strategy)
     inp = validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids)
     if not impl.streaming:
         return impl.load().attend(q, k, v, spec, inp)
@@ -204,7 +211,7 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
 
 
 def _ring_attend(impl, q, k, v, spec, q_positions, k_positions, q_segment_ids, kv_segment_ids,
-                 interpret, block_sizes, axis, layout):
+                 interpret, block_sizes, axis, layout, strategy):
     from lcattn.backends import ring
 
     try:
@@ -225,4 +232,6 @@ def _ring_attend(impl, q, k, v, spec, q_positions, k_positions, q_segment_ids, k
     inp = validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids)
     inp = dataclasses.replace(inp, default_k_pos=default, num_keys=n * k.shape[1])
     local = impl.load().pass_fn(BlockSizes.of(block_sizes), interpret)
-    return streaming_attend(ring.pass_fn(local, axis, layout), q, k, v, spec, inp)
+    wrapped = (ring.pass_fn(local, axis, layout) if strategy == "ring"
+               else ring.gather_pass_fn(local, axis))
+    return streaming_attend(wrapped, q, k, v, spec, inp)

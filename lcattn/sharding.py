@@ -22,6 +22,7 @@ array is not sharded over it; one log line per call lists them.
   mesh)`` / ``batch_sharding(mesh)`` -- ``NamedSharding`` trees for ``jax.jit``;
 * ``use_rules(rules)`` and ``constrain(x, names)`` -- activation constraints inside a
   ``jax.set_mesh`` context (no-ops without a mesh);
+* ``context_parallel(fn, *args)`` -- ``fn`` inside ``shard_map`` over ``context``;
 * ``axis_size(name)`` -- the size of a mesh axis of the current (abstract) mesh, 1 if none;
 * ``vma(x)`` / ``varying_like(tree, *refs)`` -- inside ``shard_map``: the manual axes a value
   varies over, and casting loop carries to match them.
@@ -264,6 +265,24 @@ def varying_like(tree, *refs):
         return jax.lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(cast, tree) if axes else tree
+
+
+def context_parallel(fn, *args):
+    """``fn(*args)`` with every array of ``args`` (``[B, T, ...]``, or None) split over the
+    mesh axis ``context`` along ``T`` inside ``jax.shard_map`` (only ``context`` manual; the
+    other axes stay with XLA's partitioner); ``fn`` returns one ``[B, T, ...]`` array. Use
+    inside a ``jax.set_mesh`` context (``axis_size("context") > 1``)."""
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def body(*xs):
+        full = list(args)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return fn(*full)
+
+    spec = PartitionSpec(None, "context")
+    return jax.shard_map(body, in_specs=(spec,) * len(present), out_specs=spec,
+                         axis_names=frozenset({"context"}))(*(args[i] for i in present))
 
 
 def constrain(x: jax.Array, names: tuple) -> jax.Array:

@@ -1,5 +1,6 @@
 """Ring attention on 8 host devices: equal to the reference (output and gradients) over masks x
 normalizers x layouts x meshes, and the compiled program sends what the plan says."""
+import json
 import re
 
 import jax
@@ -37,7 +38,7 @@ def _cases():
     return out
 
 
-def _ring(spec, mesh, layout, q, k, v, pos=None, seg=None):
+def _ring(spec, mesh, layout, q, k, v, pos=None, seg=None, strategy="ring"):
     """Outputs and gradients of <out, cot> through the ring, back in token order."""
     n = mesh.shape["context"]
     order = ring_plan.global_positions(layout, n, T // n).reshape(-1)
@@ -51,7 +52,8 @@ def _ring(spec, mesh, layout, q, k, v, pos=None, seg=None):
         if seg is not None:
             kw.update(q_segment_ids=seg, kv_segment_ids=seg)
         out = lcattn.attend(q, k, v, spec, backend="xla", block_sizes=(8, 8),
-                            context_axis="context", context_layout=layout, **kw)
+                            context_axis="context", context_layout=layout,
+                            context_strategy=strategy, **kw)
         return jax.lax.psum(jnp.sum(out * cot), ("data", "context")), out
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 6, out_specs=(P(), rows))
@@ -98,6 +100,36 @@ def test_packed_documents_across_shard_edges(mask):
         np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-4)
 
 
+@pytest.mark.parametrize("mask, norm, layout", [("lambda_limit", "softmax", "contiguous"),
+                                                ("causal", "softplus", "zigzag")])
+def test_all_gather_strategy_equals_reference(mask, norm, layout):
+    spec = lcattn.AttentionSpec(mask=SPECS[mask].mask, normalizer=NORMS[norm],
+                                distance_limit=SPECS[mask].distance_limit)
+    q, k, v = qkv(4, 2, T, T, 4, 2, 8)
+    (out, grads), (ref, ref_grads) = _ring(spec, sharding.make_mesh(data=2, context=4), layout,
+                                           q, k, v, strategy="all_gather")
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-4)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-4)
+
+
+def test_ring_needs_shard_map_and_a_streaming_backend():
+    q, k, v = qkv(5, 1, 16, 16, 2, 2, 8)
+    spec = SPECS["causal"]
+    with pytest.raises(ValueError, match="inside jax.shard_map"):
+        lcattn.attend(q, k, v, spec, context_axis="context")
+    mesh = sharding.make_mesh(data=2, context=4)
+    for kw, match in ((dict(backend="reference"), "dense"),
+                      (dict(context_strategy="gather"), "context_strategy"),
+                      (dict(context_layout="spiral"), "context_layout")):
+        fn = jax.shard_map(lambda q, k, v, kw=kw: lcattn.attend(q, k, v, spec,
+                                                                context_axis="context", **kw),
+                           mesh=mesh, in_specs=(P(None, "context"),) * 3,
+                           out_specs=P(None, "context"))
+        with pytest.raises(ValueError, match=match):
+            fn(q, k, v)
+
+
 _SHAPE = re.compile(r"= (f32|s32)\[([\d,]*)\]")
 
 
@@ -140,3 +172,26 @@ def test_compiled_program_sends_what_the_plan_says(mask, n):
         assert sum(gathers) == n * local_b * per_key * width
     if mask == "causal":
         assert len(plan.hops) == n - 1 and not gathers
+
+
+def test_decoder_trains_on_a_data_x_context_mesh_like_one_device(tmp_path, monkeypatch):
+    """configs/mesh/dp2_cp4.gin: the attention layers run as a ring (packed documents:
+    segment ids and restarting positions), and the losses are the single-device ones."""
+    from experiments import configurables
+    from experiments import train as train_lib
+    from lcattn.backends import ring
+    from tests.test_experiments import BASE, SMALL
+
+    calls = []
+    wrapped = ring.pass_fn
+    monkeypatch.setattr(ring, "pass_fn", lambda *a, **kw: calls.append(a) or wrapped(*a, **kw))
+    bindings = SMALL + ["train.batch_size = 8", "train.num_steps = 3", "train.warmup_steps = 1",
+                        "train.seq_len = 32"]
+    losses = {}
+    for name, files in (("one", []), ("ring", ["configs/mesh/dp2_cp4.gin"])):
+        configurables.parse(BASE + files, bindings)
+        train_lib.train(str(tmp_path / name))
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            losses[name] = [row["loss"] for row in map(json.loads, f)]
+        assert bool(calls) == (name == "ring")
+    np.testing.assert_allclose(losses["ring"], losses["one"], rtol=2e-5)

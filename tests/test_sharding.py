@@ -280,14 +280,3 @@ def test_quick_sweep_runs_on_a_2x4_mesh(tmp_path):
                                              "config.gin").read_text()
     table = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert all(0 < loss < 10 for row in table.values() for loss in row.values())
-
-
-def test_attention_layers_run_with_the_sequence_sharded_over_context(tmp_path):
-    """Until ring attention: XLA gathers the sharded sequence; the losses stay the same."""
-    bindings = SMALL + ["train.batch_size = 8", "train.num_steps = 2", "train.warmup_steps = 1"]
-    configurables.parse(BASE, bindings)
-    train_lib.train(str(tmp_path / "one"))
-    configurables.parse(BASE, bindings + _mesh(data=4, context=2))
-    train_lib.train(str(tmp_path / "context"))
-    np.testing.assert_allclose([x for _, x in _losses(tmp_path / "context")],
-                               [x for _, x in _losses(tmp_path / "one")], **TOL)

@@ -93,3 +93,20 @@ def pass_fn(local_pass, axis: str, layout: str = "contiguous"):
         return normalizer.finalize(state)
 
     return run
+
+
+def gather_pass_fn(local_pass, axis: str):
+    """The all-gather form, for comparison: every device gathers all keys (with values,
+    positions, segment ids, ALiBi positions) over ``axis`` and runs one local pass; memory
+    O(T) per device, ``n - 1`` shards received whatever the mask."""
+
+    def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
+        def gather(x):
+            return None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
+
+        kk, vv, kp, ks = (gather(x) for x in (k, v, jnp.asarray(k_pos), kv_seg))
+        b = None if bias is None else (bias[0], gather(jnp.asarray(bias[1])), bias[2])
+        return local_pass(q, kk, vv, ctx, q_pos, kp, q_seg, ks, b, mask=mask,
+                          normalizer=normalizer, pass_idx=pass_idx)
+
+    return run

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcattn import backends, checks
+from lcattn import backends, checks, sharding
 from lcattn import masks as masks_lib
 from lcattn.attention import AttentionSpec, attend
 from lcattn.layers.params import fan_in, param
@@ -162,11 +162,24 @@ class Attention(nnx.Module):
           spec: evaluation-time override of the layer's spec (an AttentionSpec or a callable
             ``spec -> spec``).
           backend: overrides the layer's ``backend``.
+
+        When the current mesh (``jax.set_mesh``) has ``context > 1``, the sequence is split
+        over it and attention runs as a ring (``lcattn.backends.ring``, contiguous layout).
         """
         q, k, v = self._qkv(x)
-        out = attend(q, k, v, resolve_spec(self.spec, spec), q_positions=positions,
-                     k_positions=positions, q_segment_ids=segment_ids,
-                     kv_segment_ids=segment_ids, backend=backend or self.backend)
+        spec, backend = resolve_spec(self.spec, spec), backend or self.backend
+        if sharding.axis_size("context") == 1:
+            out = attend(q, k, v, spec, q_positions=positions, k_positions=positions,
+                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                         backend=backend)
+        else:  # the sequence is sharded over the mesh axis `context`: ring attention
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2]) \
+                if positions is None else positions
+            out = sharding.context_parallel(
+                lambda q, k, v, p, s: attend(q, k, v, spec, q_positions=p, k_positions=p,
+                                             q_segment_ids=s, kv_segment_ids=s,
+                                             backend=backend, context_axis="context"),
+                q, k, v, positions, segment_ids)
         return self._out(out)
 
     def init_cache(self, batch_size: int, max_len: int, *, spec: SpecOverride = None,
