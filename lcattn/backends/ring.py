@@ -8,8 +8,9 @@ holds ``L`` slots of q, k, v, positions and segment ids (layout in
 2. per hop of the plan, one ``ppermute`` of the slice of keys (with their values, positions,
    segment ids and ALiBi positions) the mask lets receivers see, sent only to the receivers
    that need it, and the local pass over it;
-3. with a broadcast, one ``all_gather`` of the sink slice and the local pass over the owners'
-   keys;
+3. with a broadcast, one ``psum`` (all-reduce) that carries the owners' sink slices to every
+   device (the other devices add zeros, so the sum is exact and its size does not grow with
+   the number of devices), and the local pass over them;
 
 the partial ``(out, lse)`` merged with the normalizer's ``from_result`` / ``merge`` /
 ``finalize``. Keys a receiver must not use (the zeros ``ppermute`` hands a receiver it sends
@@ -18,7 +19,7 @@ the segment id ``INVALID`` (a query's segment never matches it), so every local 
 them exactly as it gates other documents. Segment ids must be distinct per document (packing
 numbers them 1, 2, ...): the plan routes keys by index, so a reused id far away would be
 missed. Gradients flow through the hops by
-autodiff (``ppermute`` and ``all_gather`` transpose to the reverse transfers); each hop's
+autodiff (``ppermute`` and ``psum`` transpose to the reverse transfers); each hop's
 received keys are kept for the backward pass, so memory per device is O(keys received): O(T/n)
 plus the halo for Local / Λ, O(T) for Causal and Full (a ring ``custom_vjp`` that re-sends them
 is not built yet).
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcattn.backends.ring_plan import global_positions, make_plan
+from lcattn.sharding import varying_like
 
 INVALID = np.iinfo(np.int32).min
 
@@ -75,15 +77,16 @@ def pass_fn(local_pass, axis: str, layout: str = "contiguous"):
                    for x in keys]  # inactive receivers get zeros (position 0!): gated
             gate = None if all(hop.active) else jnp.asarray(hop.active)[r]
             parts.append(local(*got, valid=gate))
-        if plan.broadcast is not None:
-            bc = plan.broadcast
-            got = []
+        if plan.broadcast is not None:  # one psum: each owner adds its slice, others zeros
+            bc, got = plan.broadcast, []
             for x in keys:
                 if x is None:
                     got.append(None)
                     continue
-                every = jax.lax.all_gather(x[:, bc.lo:bc.hi], axis)  # [n, B, S, ...]
-                got.append(jnp.concatenate([every[o] for o in bc.owners], axis=1))
+                part = x[:, bc.lo:bc.hi]
+                mine = [jnp.where(r == o, part, jnp.zeros_like(part)) for o in bc.owners]
+                total = jax.lax.psum(jnp.concatenate(mine, axis=1), axis)
+                got.append(varying_like(total, q))  # per-device from here on
             valid = jnp.asarray(np.asarray(bc.valid, bool))[r][None, :]
             parts.append(local(*got, valid=valid))
         state = None

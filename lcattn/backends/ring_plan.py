@@ -17,9 +17,10 @@ locally; the other keys arrive in:
   Receivers that need nothing from that sender (``active[r]`` False: e.g. device 0 under
   Causal, which ``ppermute`` would hand device ``n-1``'s keys) ignore what they get;
 * a **broadcast**: the keys of *key-bounded* mask atoms (``Sinks(g)``: ``k < g``), which many
-  receivers need from the same few devices, come in one ``all_gather`` of the slice
-  ``[lo, hi)`` of every device, of which the ``owners``' parts are used. ``valid[r]`` drops
-  the keys receiver ``r`` already has (its own, or delivered by a hop), so none counts twice.
+  receivers need from the same few devices, come in one all-reduce of the ``owners``' slices
+  ``[lo, hi)`` (each owner adds its own, the others zeros): a size that does not grow with
+  ``n``. ``valid[r]`` drops the keys receiver ``r`` already has (its own, or delivered by a
+  hop), so none counts twice.
 
 With segment ids, sinks are data-dependent (every document has its own first tokens) and
 chunk boundaries move with each document, so the plan is *widened*: key bounds and chunks are
@@ -50,8 +51,8 @@ class Hop:
 
 @dataclasses.dataclass(frozen=True)
 class Broadcast:
-    """One ``all_gather`` of every device's slots ``[lo, hi)``; the ``owners``' parts (in that
-    order) are used, key ``j`` of them by receiver ``r`` iff ``valid[r][j]``."""
+    """One all-reduce carrying slots ``[lo, hi)`` of each of the ``owners`` (in that order) to
+    every device; key ``j`` of them is used by receiver ``r`` iff ``valid[r][j]``."""
 
     lo: int
     hi: int
@@ -68,10 +69,11 @@ class Plan:
     broadcast: Broadcast | None
 
     def keys_received(self) -> int:
-        """Key slots one device receives per pass (hops plus the whole all-gather)."""
+        """Key slots one device receives per pass: its hops' slices plus the broadcast's
+        (an all-reduce moves about twice that over a ring of links)."""
         hops = sum(h.hi - h.lo for h in self.hops)
-        return hops + (self.n * (self.broadcast.hi - self.broadcast.lo) if self.broadcast
-                       else 0)
+        bc = self.broadcast
+        return hops + (len(bc.owners) * (bc.hi - bc.lo) if bc else 0)
 
 
 def global_positions(layout: str, n: int, local_len: int) -> np.ndarray:
