@@ -18,11 +18,11 @@ nothing to: a zero key at position 0 is visible under Causal; a sink key it alre
 the segment id ``INVALID`` (a query's segment never matches it), so every local backend gates
 them exactly as it gates other documents. Segment ids must be distinct per document (packing
 numbers them 1, 2, ...): the plan routes keys by index, so a reused id far away would be
-missed. Gradients flow through the hops by
-autodiff (``ppermute`` and ``psum`` transpose to the reverse transfers); each hop's
-received keys are kept for the backward pass, so memory per device is O(keys received): O(T/n)
-plus the halo for Local / Λ, O(T) for Causal and Full (a ring ``custom_vjp`` that re-sends them
-is not built yet).
+missed.
+
+The gradient is a ring ``custom_vjp`` (``pass_fn``): the backward pass fetches each part's keys
+again instead of keeping them, so the residuals per device are its own q, k, v, out and lse:
+O(T/n) for every mask (XLA may still schedule transfers early; measured in BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -49,51 +49,138 @@ def _gate(seg, kp, valid):
     return jnp.where(valid, seg, INVALID)
 
 
-def pass_fn(local_pass, axis: str, layout: str = "contiguous"):
-    """Wrap a backend's pass (``lcattn.backends.<name>.pass_fn(...)``) into a ring pass over
-    the mesh axis ``axis``."""
+class _Transfers:
+    """The plan's parts for device ``r``: ``fetch`` a part's keys, ``send_back`` their
+    cotangents to where they came from (the transpose of the fetch, written out so the
+    backward pass re-sends keys instead of keeping them)."""
 
-    def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
-        n = jax.lax.axis_size(axis)
-        r = jax.lax.axis_index(axis)
-        plan = make_plan(mask, n, k.shape[1], layout, q_seg is not None)
-        q_seg_g = jnp.zeros_like(jnp.asarray(q_pos)) if q_seg is None else q_seg
+    def __init__(self, plan, axis, n, like):
+        self.plan, self.axis, self.n, self.like = plan, axis, n, like
+        self.parts = ["own"] + list(plan.hops) + (["sinks"] if plan.broadcast else [])
 
-        def local(kk, vv, kp, ks, ke, valid=None):
-            b = None if bias is None else (bias[0], ke, bias[2])
-            if valid is None:
-                return local_pass(q, kk, vv, ctx, q_pos, kp, q_seg, ks, b, mask=mask,
-                                  normalizer=normalizer, pass_idx=pass_idx)
-            return local_pass(q, kk, vv, ctx, q_pos, kp, q_seg_g, _gate(ks, kp, valid), b,
-                              mask=mask, normalizer=normalizer, pass_idx=pass_idx)
+    @property
+    def r(self):  # traced where it is used (custom_vjp rules must not close over tracers)
+        return jax.lax.axis_index(self.axis)
 
-        ke = None if bias is None else jnp.asarray(bias[1])
-        k_pos = jnp.asarray(k_pos)
-        keys = (k, v, k_pos, kv_seg, ke)
-        parts = [local(*keys)]
-        for hop in plan.hops:
-            perm = [((t - hop.shift) % n, t) for t in range(n) if hop.active[t]]
-            got = [None if x is None else jax.lax.ppermute(x[:, hop.lo:hop.hi], axis, perm)
-                   for x in keys]  # inactive receivers get zeros (position 0!): gated
-            gate = None if all(hop.active) else jnp.asarray(hop.active)[r]
-            parts.append(local(*got, valid=gate))
-        if plan.broadcast is not None:  # one psum: each owner adds its slice, others zeros
-            bc, got = plan.broadcast, []
-            for x in keys:
+    def _perm(self, hop):
+        return [((t - hop.shift) % self.n, t) for t in range(self.n) if hop.active[t]]
+
+    def fetch(self, part, keys):
+        """``(received keys, valid)``: valid is None (all usable) or a bool gate."""
+        if part == "own":
+            return keys, None
+        if part == "sinks":
+            bc, got = self.plan.broadcast, []
+            for x in keys:  # one psum: each owner adds its slice, the others zeros
                 if x is None:
                     got.append(None)
                     continue
-                part = x[:, bc.lo:bc.hi]
-                mine = [jnp.where(r == o, part, jnp.zeros_like(part)) for o in bc.owners]
-                total = jax.lax.psum(jnp.concatenate(mine, axis=1), axis)
-                got.append(varying_like(total, q))  # per-device from here on
-            valid = jnp.asarray(np.asarray(bc.valid, bool))[r][None, :]
-            parts.append(local(*got, valid=valid))
-        state = None
-        for out, lse in parts:
-            part = normalizer.from_result(out, lse)
-            state = part if state is None else normalizer.merge(state, part)
-        return normalizer.finalize(state)
+                piece = x[:, bc.lo:bc.hi]
+                mine = [jnp.where(self.r == o, piece, jnp.zeros_like(piece)) for o in bc.owners]
+                total = jax.lax.psum(jnp.concatenate(mine, axis=1), self.axis)
+                got.append(varying_like(total, self.like))  # per-device from here on
+            return tuple(got), jnp.asarray(np.asarray(bc.valid, bool))[self.r][None, :]
+        got = tuple(None if x is None else
+                    jax.lax.ppermute(x[:, part.lo:part.hi], self.axis, self._perm(part))
+                    for x in keys)  # inactive receivers get zeros (position 0!): gated
+        return got, None if all(part.active) else jnp.asarray(part.active)[self.r]
+
+    def send_back(self, part, ct, like):
+        """Cotangent of this device's keys ``like [B, L, ...]`` from ``ct`` of a part."""
+        if ct is None:
+            return None
+        if part == "own":
+            return ct
+        if part == "sinks":
+            bc = self.plan.broadcast
+            total, w = jax.lax.psum(ct, self.axis), bc.hi - bc.lo
+            mine = sum(jnp.where(self.r == o, total[:, i * w:(i + 1) * w], 0.0)
+                       for i, o in enumerate(bc.owners))
+            lo, hi = bc.lo, bc.hi
+        else:
+            mine = jax.lax.ppermute(ct, self.axis, [(t, s) for s, t in self._perm(part)])
+            lo, hi = part.lo, part.hi
+        return jnp.zeros(like.shape, ct.dtype).at[:, lo:hi].set(mine)
+
+
+def pass_fn(local_pass, axis: str, layout: str = "contiguous"):
+    """Wrap a backend's pass (``lcattn.backends.<name>.pass_fn(...)``) into a ring pass over
+    the mesh axis ``axis``.
+
+    Its gradient is a ``custom_vjp`` that does not keep what the hops received: the backward
+    pass fetches each part again, recomputes its ``(out_h, lse_h)``, takes the local backend's
+    VJP with the merge's cotangents ``w_h dout`` and ``w_h (dout . (out_h - out) + dlse)``
+    (``w_h = exp(lse_h - lse)``, the merge every normalizer shares) and sends dK / dV home.
+    """
+
+    def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
+        n = jax.lax.axis_size(axis)
+        plan = make_plan(mask, n, k.shape[1], layout, q_seg is not None)
+        moves = _Transfers(plan, axis, n, q)
+        slopes = None if bias is None else bias[2]
+        ints = (jnp.asarray(q_pos), jnp.asarray(k_pos), q_seg, kv_seg,
+                None if bias is None else jnp.asarray(bias[0]),
+                None if bias is None else jnp.asarray(bias[1]))
+
+        def local(q, kk, vv, ctx, ints, got, valid):
+            q_pos, _, q_seg, _, q_bias, _ = ints
+            _, _, kp, ks, ke = got
+            b = None if slopes is None else (q_bias, ke, slopes)
+            if valid is not None:
+                q_seg = jnp.zeros_like(q_pos) if q_seg is None else q_seg
+                ks = _gate(ks, kp, valid)
+            return local_pass(q, kk, vv, ctx, q_pos, kp, q_seg, ks, b, mask=mask,
+                              normalizer=normalizer, pass_idx=pass_idx)
+
+        def part_fn(part, k, v, ints):
+            got, valid = moves.fetch(part, (k, v, ints[1], ints[3], ints[5]))
+            return got, (lambda q, kk, vv, ctx: local(q, kk, vv, ctx, ints, got, valid))
+
+        def forward(q, k, v, ctx, ints):
+            state = None
+            for part in moves.parts:
+                got, fn = part_fn(part, k, v, ints)
+                piece = normalizer.from_result(*fn(q, got[0], got[1], ctx))
+                state = piece if state is None else normalizer.merge(state, piece)
+            return normalizer.finalize(state)
+
+        @jax.custom_vjp
+        def ring(q, k, v, ctx, ints):
+            return forward(q, k, v, ctx, ints)
+
+        def ring_fwd(q, k, v, ctx, ints):
+            out, lse = forward(q, k, v, ctx, ints)
+            return (out, lse), (q, k, v, ctx, ints, out, lse)
+
+        def ring_bwd(res, cts):
+            q, k, v, ctx, ints, out, lse = res
+            dout, dlse = cts
+            live = jnp.isfinite(lse)
+            dq = jnp.zeros(q.shape, jnp.float32)
+            dk = jnp.zeros(k.shape, jnp.float32)
+            dv = None if v is None else jnp.zeros(v.shape, jnp.float32)
+            dctx = jax.tree.map(jnp.zeros_like, ctx)
+            for part in moves.parts:
+                got, fn = part_fn(part, k, v, ints)
+                (o_h, lse_h), vjp = jax.vjp(fn, q, got[0], got[1], ctx)
+                w = jnp.where(live & jnp.isfinite(lse_h),
+                              jnp.exp(lse_h - jnp.where(live, lse, 0.0)), 0.0)
+                d_lse = w * dlse
+                d_out = None
+                if out is not None:
+                    d_lse = d_lse + w * jnp.sum(dout * (o_h - out), axis=-1)
+                    d_out = w[..., None] * dout
+                gq, gk, gv, gctx = vjp((d_out, d_lse))
+                dq = dq + gq
+                dctx = jax.tree.map(jnp.add, dctx, gctx)
+                dk = dk + moves.send_back(part, gk.astype(jnp.float32), k)
+                if dv is not None:
+                    dv = dv + moves.send_back(part, gv.astype(jnp.float32), v)
+            return (dq.astype(q.dtype), dk.astype(k.dtype),
+                    None if v is None else dv.astype(v.dtype), dctx, None)
+
+        ring.defvjp(ring_fwd, ring_bwd)
+        return ring(q, k, v, ctx, ints)
 
     return run
 
