@@ -14,7 +14,8 @@ Run (from the repository root; the script asks for 8 host CPU devices itself)::
 2. Timing (8 host devices on this machine's cores: the devices share them, so this measures
    overhead, not speed): ``lcattn.attend`` forward + backward (``value_and_grad`` of a
    weighted sum w.r.t. q, k, v) at ``--seq_len`` on a ``context=8`` mesh with
-   ``context_strategy`` ring and all_gather, and on one device, each as a ratio to one device.
+   ``context_strategy`` ring and all_gather, and on one device, each as a ratio to one device,
+   with the compiled program's temporary bytes (per device for the sharded ones).
 
 Prints one JSON object on stdout (progress on stderr); ``--out`` also writes it and a PNG.
 """
@@ -89,6 +90,7 @@ def timing_rows() -> list[dict]:
         log(f"timing: {name} one device")
         rec, _ = compile_and_time(one, (q, k, v), _REPEATS.value)
         record["single_seconds"] = rec["seconds"]
+        record["single_temp_bytes"] = rec.get("temp_size_in_bytes")
         for strategy in ("ring", "all_gather"):
             def local(q, k, v, c, strategy=strategy):
                 out = lcattn.attend(q, k, v, spec, backend="xla", context_axis="context",
@@ -101,6 +103,7 @@ def timing_rows() -> list[dict]:
             log(f"timing: {name} {strategy}")
             rec, _ = compile_and_time(grad, (q, k, v), _REPEATS.value)
             record[f"{strategy}_seconds"] = rec["seconds"]
+            record[f"{strategy}_temp_bytes_per_device"] = rec.get("temp_size_in_bytes")
             record[f"{strategy}_vs_single"] = rec["seconds"] / record["single_seconds"]
         rows.append(record)
     return rows

@@ -21,8 +21,10 @@ numbers them 1, 2, ...): the plan routes keys by index, so a reused id far away 
 missed.
 
 The gradient is a ring ``custom_vjp`` (``pass_fn``): the backward pass fetches each part's keys
-again instead of keeping them, so the residuals per device are its own q, k, v, out and lse:
-O(T/n) for every mask (XLA may still schedule transfers early; measured in BENCHMARKS.md).
+again instead of keeping them, so the saved residuals per device are its own q, k, v, out and
+lse (O(T/n)). The hops are unrolled, and XLA may keep several of them in flight: on CPU the
+compiled temporaries per device fell by a quarter against plain autodiff but did not reach
+T/n (BENCHMARKS.md, "Ring attention"); a scanned shift-by-one ring would bound them.
 """
 from __future__ import annotations
 
