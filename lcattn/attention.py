@@ -30,7 +30,7 @@ from lcattn import normalizers as norms_lib
 from lcattn import positions as pos_lib
 from pallas_kernels.block_sizes import BlockSizes
 
-CONTEXT_STRATEGIES = ("ring", "all_gather")
+CONTEXT_STRATEGIES = ("ring", "all_gather", "kv_shards")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +192,11 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
         ``arange`` would be wrong, and cannot be detected inside ``jit``).
       context_layout: which tokens each device holds (``lcattn.backends.ring_plan``):
         ``"contiguous"`` (Local / Λ) or ``"zigzag"`` (Causal / Full: balanced work).
-      context_strategy: ``"ring"`` (send what the mask needs) or ``"all_gather"`` (gather
-        every key on every device; for comparison).
+      context_strategy: ``"ring"`` (send what the mask needs), ``"all_gather"`` (gather
+        every key on every device; for comparison) or ``"kv_shards"`` (decoding against a KV
+        cache sharded over the axis: q, any length, is the same on every device, k / v /
+        ``k_positions`` are this device's part of the cache; each device attends to its part
+        and the results merge across devices with the normalizers' log-sum-exp merge).
     """
     if not isinstance(spec, AttentionSpec):
         raise ValueError(f"`spec` must be an AttentionSpec, got {spec!r}")
@@ -222,6 +225,13 @@ def _ring_attend(impl, q, k, v, spec, q_positions, k_positions, q_segment_ids, k
     if not impl.streaming:
         raise ValueError(f"context_axis: backend {impl.name!r} is dense; ring attention runs "
                          f"a streaming backend's pass ({backends.streaming_names()})")
+    local = impl.load().pass_fn(BlockSizes.of(block_sizes), interpret)
+    if strategy == "kv_shards":
+        if q_positions is None or k_positions is None:
+            raise ValueError("context_strategy='kv_shards': give q_positions and k_positions "
+                             "(global positions of the queries and of this device's keys)")
+        inp = validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids)
+        return streaming_attend(ring.kv_shards_pass_fn(local, axis), q, k, v, spec, inp)
     if q.shape[1] != k.shape[1] or (q_positions is None) != (k_positions is None):
         raise ValueError(f"context_axis: ring attention is self-attention over the sharded "
                          f"sequence: q and k need the same local length (got {q.shape[1]} and "
@@ -231,7 +241,6 @@ def _ring_attend(impl, q, k, v, spec, q_positions, k_positions, q_segment_ids, k
         q_positions = k_positions = ring.layout_positions(axis, layout, q.shape[1])
     inp = validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids)
     inp = dataclasses.replace(inp, default_k_pos=default, num_keys=n * k.shape[1])
-    local = impl.load().pass_fn(BlockSizes.of(block_sizes), interpret)
     wrapped = (ring.pass_fn(local, axis, layout) if strategy == "ring"
                else ring.gather_pass_fn(local, axis))
     return streaming_attend(wrapped, q, k, v, spec, inp)

@@ -113,6 +113,32 @@ def test_all_gather_strategy_equals_reference(mask, norm, layout):
         np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-4)
 
 
+@pytest.mark.parametrize("mask, norm", [("lambda_limit", "softmax"), ("causal", "reweighted"),
+                                        ("local_large", "softplus")])
+def test_decoding_against_a_cache_sharded_over_context(mask, norm):
+    """kv_shards: 3 new queries (the same on every device) against a 61-key cache split over
+    4 devices (the cache's padding slots carry positions no query sees), merged across
+    devices; equals the reference on the whole cache."""
+    spec = lcattn.AttentionSpec(mask=SPECS[mask].mask, normalizer=NORMS[norm],
+                                distance_limit=SPECS[mask].distance_limit)
+    q, _, _ = qkv(6, 2, 3, 3, 4, 2, 8)
+    _, k, v = qkv(7, 2, T, T, 4, 2, 8)
+    k_pos = np.broadcast_to(np.where(np.arange(T) < 61, np.arange(T), 10**6), (2, T))
+    q_pos = np.broadcast_to(np.arange(61, 64), (2, 3))
+    mesh = sharding.make_mesh(data=2, context=4)
+    fn = jax.jit(jax.shard_map(
+        lambda q, k, v, qp, kp: lcattn.attend(q, k, v, spec, q_positions=qp, k_positions=kp,
+                                              backend="xla", block_sizes=(8, 8),
+                                              context_axis="context",
+                                              context_strategy="kv_shards"),
+        mesh=mesh, in_specs=(P("data"), P("data", "context"), P("data", "context"), P("data"),
+                             P("data", "context")), out_specs=P("data")))
+    out = fn(q, k, v, jnp.asarray(q_pos, jnp.int32), jnp.asarray(k_pos, jnp.int32))
+    ref = lcattn.attend(q, k[:, :61], v[:, :61], spec, backend="reference",
+                        q_positions=q_pos, k_positions=k_pos[:, :61])
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-4)
+
+
 def test_ring_needs_shard_map_and_a_streaming_backend():
     q, k, v = qkv(5, 1, 16, 16, 2, 2, 8)
     spec = SPECS["causal"]

@@ -202,3 +202,25 @@ def gather_pass_fn(local_pass, axis: str):
                           normalizer=normalizer, pass_idx=pass_idx)
 
     return run
+
+
+def kv_shards_pass_fn(local_pass, axis: str):
+    """Decoding against a cache sharded over ``axis``: the pass over this device's keys, then
+    ``lse = log sum_r exp(lse_r)`` and ``out = sum_r exp(lse_r - lse) out_r`` across devices
+    (one ``pmax`` and two ``psum``s of query-sized arrays; the merge every normalizer uses)."""
+
+    def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
+        out, lse = local_pass(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, mask=mask,
+                              normalizer=normalizer, pass_idx=pass_idx)
+        top = jax.lax.stop_gradient(jax.lax.pmax(lse, axis))
+        top = jnp.where(jnp.isfinite(top), top, 0.0)
+        w = jnp.exp(lse - top)  # 0 where this device sees no key
+        total = jax.lax.psum(w, axis)
+        ok = total > 0
+        lse_all = jnp.where(ok, top + jnp.log(jnp.where(ok, total, 1.0)), -jnp.inf)
+        if out is None:
+            return None, lse_all
+        share = jnp.where(ok, w / jnp.where(ok, total, 1.0), 0.0)
+        return jax.lax.psum(share[..., None] * out, axis), lse_all
+
+    return run
