@@ -116,7 +116,8 @@ def restore_newest(mgr: ocp.CheckpointManager, args: ocp.args.Composite):
     step yet) and the unreadable steps (newest first) tried before it.
 
     Raises ``RuntimeError`` when steps exist but none can be read, and ``ValueError`` when a
-    step does not match ``args`` (a different model configuration: not damage).
+    step whose files match their checksums cannot be read into ``args`` (a different model
+    configuration: not damage).
     """
     damaged = []
     for step in sorted(mgr.all_steps(), reverse=True):
@@ -126,13 +127,11 @@ def restore_newest(mgr: ocp.CheckpointManager, args: ocp.args.Composite):
             log.error("checkpoint step %d at %s is damaged: %s", step, path, problem)
             damaged.append(step)
             continue
+        verified = os.path.exists(os.path.join(path, CHECKSUMS))
         try:
             restored = mgr.restore(step, args=args)
-        except _CONFIG_ERRORS as err:
-            raise ValueError(f"checkpoint {path} does not match the configured model "
-                             f"({_one_line(err)})") from err
-        except Exception as err:  # noqa: BLE001 -- orbax/tensorstore raise many types on damage
-            if "shape" in str(err) and "mismatch" in str(err).lower():
+        except Exception as err:  # noqa: BLE001 -- orbax/tensorstore raise many types
+            if verified or isinstance(err, _CONFIG_ERRORS):  # intact files: not damage
                 raise ValueError(f"checkpoint {path} does not match the configured model "
                                  f"({_one_line(err)})") from err
             log.error("checkpoint step %d at %s is unreadable (%s)", step, path, _one_line(err))

@@ -280,3 +280,13 @@ def test_quick_sweep_runs_on_a_2x4_mesh(tmp_path):
                                              "config.gin").read_text()
     table = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert all(0 < loss < 10 for row in table.values() for loss in row.values())
+
+
+def test_a_checkpoint_of_another_model_is_a_config_error_not_damage(tmp_path):
+    configurables.parse(BASE, SMALL + ["train.num_steps = 2", "train.warmup_steps = 1"])
+    train_lib.train(str(tmp_path))
+    configurables.parse(BASE, SMALL + ["build_model.d_model = 48"])
+    with pytest.raises(ValueError, match="does not match the configured model"):
+        evaluate_lib.evaluate(str(tmp_path))
+    assert not (tmp_path / "checkpoints_damaged").exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
