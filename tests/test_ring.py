@@ -118,7 +118,7 @@ def test_all_gather_strategy_equals_reference(mask, norm, layout):
 def test_decoding_against_a_cache_sharded_over_context(mask, norm):
     """kv_shards: 3 new queries (the same on every device) against a 61-key cache split over
     4 devices (the cache's padding slots carry positions no query sees), merged across
-    devices; equals the reference on the whole cache."""
+    devices; equals the reference on the whole cache, output and gradients."""
     spec = lcattn.AttentionSpec(mask=SPECS[mask].mask, normalizer=NORMS[norm],
                                 distance_limit=SPECS[mask].distance_limit)
     q, _, _ = qkv(6, 2, 3, 3, 4, 2, 8)
@@ -133,10 +133,20 @@ def test_decoding_against_a_cache_sharded_over_context(mask, norm):
                                               context_strategy="kv_shards"),
         mesh=mesh, in_specs=(P("data"), P("data", "context"), P("data", "context"), P("data"),
                              P("data", "context")), out_specs=P("data")))
-    out = fn(q, k, v, jnp.asarray(q_pos, jnp.int32), jnp.asarray(k_pos, jnp.int32))
-    ref = lcattn.attend(q, k[:, :61], v[:, :61], spec, backend="reference",
-                        q_positions=q_pos, k_positions=k_pos[:, :61])
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-4)
+    qp, kp = jnp.asarray(q_pos, jnp.int32), jnp.asarray(k_pos, jnp.int32)
+    cot = jnp.asarray(np.random.default_rng(8).normal(size=q.shape), jnp.float32)
+    out, grads = fn(q, k, v, qp, kp), jax.grad(
+        lambda q, k, v: jnp.sum(fn(q, k, v, qp, kp) * cot), argnums=(0, 1, 2))(q, k, v)
+
+    def ref_fn(q, k, v):
+        return lcattn.attend(q, k[:, :61], v[:, :61], spec, backend="reference",
+                             q_positions=q_pos, k_positions=k_pos[:, :61])
+
+    ref_grads = jax.grad(lambda q, k, v: jnp.sum(ref_fn(q, k, v) * cot), argnums=(0, 1, 2))(
+        q, k, v)
+    np.testing.assert_allclose(out, ref_fn(q, k, v), atol=2e-5, rtol=2e-4)
+    for g, r in zip(grads, ref_grads):  # the padding slots get zero gradient
+        np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-4)
 
 
 def test_ring_needs_shard_map_and_a_streaming_backend():

@@ -210,9 +210,12 @@ def kv_shards_pass_fn(local_pass, axis: str):
     (one ``pmax`` and two ``psum``s of query-sized arrays; the merge every normalizer uses)."""
 
     def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
+        # q and its row context are the same on every device; typed per-device here, so
+        # their gradient is the sum over devices (the transpose of this cast).
+        q, ctx = varying_like((q, ctx), k)
         out, lse = local_pass(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, mask=mask,
                               normalizer=normalizer, pass_idx=pass_idx)
-        top = jax.lax.stop_gradient(jax.lax.pmax(lse, axis))
+        top = jax.lax.pmax(jax.lax.stop_gradient(lse), axis)  # a stabilizer: no gradient
         top = jnp.where(jnp.isfinite(top), top, 0.0)
         w = jnp.exp(lse - top)  # 0 where this device sees no key
         total = jax.lax.psum(w, axis)
