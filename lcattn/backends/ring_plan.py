@@ -151,7 +151,7 @@ def make_plan(mask: Mask, n: int, local_len: int, layout: str = "contiguous",
     sink_keys = max((a.k_hi for a in bounded), default=-1) + 1
     owners = tuple(int(s) for s in np.unique(np.flatnonzero((pos < sink_keys).any(axis=1))))
     broadcast_slots = (pos < sink_keys)
-    use_broadcast = bool(bounded) and 0 < len(owners) < n - 1 and rest.atoms()
+    use_broadcast = bool(bounded and rest.atoms()) and 0 < len(owners) < n - 1
     hop_mask = rest if use_broadcast else _Atoms(atoms)
     hops, delivered = [], np.zeros((n, n, local_len), bool)  # [receiver, sender, slot]
     for shift in range(1, n):

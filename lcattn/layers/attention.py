@@ -31,6 +31,7 @@ from lcattn import backends, checks, sharding
 from lcattn import masks as masks_lib
 from lcattn.attention import AttentionSpec, attend
 from lcattn.layers.params import fan_in, param
+from lcattn.positions import broadcast as broadcast_positions
 
 SpecOverride = Union[None, AttentionSpec, Callable[[AttentionSpec], AttentionSpec]]
 
@@ -173,8 +174,7 @@ class Attention(nnx.Module):
                          q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                          backend=backend)
         else:  # the sequence is sharded over the mesh axis `context`: ring attention
-            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2]) \
-                if positions is None else positions
+            positions = broadcast_positions("positions", positions, *x.shape[:2])
             out = sharding.context_parallel(
                 lambda q, k, v, p, s: attend(q, k, v, spec, q_positions=p, k_positions=p,
                                              q_segment_ids=s, kv_segment_ids=s,
