@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import lcattn
 from lcattn import masks, normalizers, positions, sharding
-from lcattn.backends import ring_plan
+from lcattn.backends import ring, ring_plan
 from tests.helpers import qkv
 
 SPECS = {
@@ -167,23 +167,46 @@ def test_ring_needs_shard_map_and_a_streaming_backend():
 
 
 _SHAPE = re.compile(r"(f32|s32)\[([\d,]*)\]")
+_WHILE = re.compile(r"while\(.*body=%?([\w.\-]+).*known_trip_count\D*(\d+)")
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    """Compiled HLO text split into its computations: ``{name: lines}``."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            name = head.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+    return comps
 
 
 def _collectives(hlo: str, op: str) -> list[int]:
-    """Bytes of each array an ``op`` moves in compiled HLO text (XLA may combine several
-    arrays into one op with a tuple result: each counts)."""
+    """Bytes of each array an ``op`` moves in compiled HLO text, once per execution: an op in
+    the body of a while loop with a known trip count counts that many times (XLA may combine
+    several arrays into one op with a tuple result: each counts)."""
+    comps = _computations(hlo)
+    times = {name: 1 for name in comps}
+    for lines in comps.values():
+        for line in lines:
+            loop = _WHILE.search(line)
+            if loop:
+                times[loop.group(1)] = int(loop.group(2))
     sizes = []
-    for line in hlo.splitlines():
-        if f" {op}(" not in line or "=" not in line:
-            continue
-        result = line.split("=", 1)[1].split(f" {op}(", 1)[0]
-        for _, dims in _SHAPE.findall(result):
-            sizes.append(4 * int(np.prod([int(x) for x in dims.split(",") if x])))
+    for name, lines in comps.items():
+        for line in lines:
+            if f" {op}(" not in line or "=" not in line:
+                continue
+            result = line.split("=", 1)[1].split(f" {op}(", 1)[0]
+            for _, dims in _SHAPE.findall(result):
+                sizes += [4 * int(np.prod([int(x) for x in dims.split(",") if x]))] * times[name]
     return sizes
 
 
 @pytest.mark.parametrize("mask, n", [("local_small", 4), ("lambda", 4), ("lambda", 8),
-                                     ("causal", 4)])
+                                     ("causal", 4), ("causal", 8)])
 def test_compiled_program_sends_what_the_plan_says(mask, n):
     spec = SPECS[mask]
     mesh = sharding.make_mesh(data=8 // n, context=n)
@@ -208,8 +231,11 @@ def test_compiled_program_sends_what_the_plan_says(mask, n):
         assert len(plan.hops) == 1 and len(gathers) == 3
         width = plan.broadcast.hi - plan.broadcast.lo
         assert sum(gathers) == len(plan.broadcast.owners) * local_b * per_key * width
-    if mask == "causal":
-        assert len(plan.hops) == n - 1 and not gathers
+    if mask == "causal":  # n - 1 whole shards, as a scanned ring: one loop of n - 2 steps
+        assert len(plan.hops) == n - 1 and not gathers and ring.scan_length(plan) == n - 1
+        loops = [int(m.group(2)) for m in _WHILE.finditer(hlo)
+                 if "collective-permute" in "".join(_computations(hlo)[m.group(1)])]
+        assert loops == [n - 2]
 
 
 def test_decoder_trains_on_a_data_x_context_mesh_like_one_device(tmp_path, monkeypatch):
@@ -217,7 +243,6 @@ def test_decoder_trains_on_a_data_x_context_mesh_like_one_device(tmp_path, monke
     segment ids and restarting positions), and the losses are the single-device ones."""
     from experiments import configurables
     from experiments import train as train_lib
-    from lcattn.backends import ring
     from tests.test_experiments import BASE, SMALL
 
     calls = []

@@ -20,11 +20,17 @@ them exactly as it gates other documents. Segment ids must be distinct per docum
 numbers them 1, 2, ...): the plan routes keys by index, so a reused id far away would be
 missed.
 
+When the plan's hops are whole shards at shifts ``1 .. m`` (Causal, Full: ``m = n - 1``), the
+hops run as a ``lax.scan`` of shift-by-one ``ppermute``s instead (the classic ring): one buffer
+of keys in flight per device, the next shard's transfer issued before the current one is
+attended (so they can overlap). Receivers the plan leaves out then get real keys of a later
+shard, which the mask hides by position; a fully hidden shard costs no tile (the local
+backend's tile lists are built from the received positions).
+
 The gradient is a ring ``custom_vjp`` (``pass_fn``): the backward pass fetches each part's keys
 again instead of keeping them, so the saved residuals per device are its own q, k, v, out and
-lse (O(T/n)). The hops are unrolled, and XLA may keep several of them in flight: on CPU the
-compiled temporaries per device fell by a quarter against plain autodiff but did not reach
-T/n (BENCHMARKS.md, "Ring attention"); a scanned shift-by-one ring would bound them.
+lse (O(T/n)); in the scanned form dK / dV travel with their keys and one ``ppermute`` by
+``-m`` carries them home at the end, so per-device memory stays O(T/n) whatever ``n``.
 """
 from __future__ import annotations
 
@@ -58,7 +64,14 @@ class _Transfers:
 
     def __init__(self, plan, axis, n, like):
         self.plan, self.axis, self.n, self.like = plan, axis, n, like
-        self.parts = ["own"] + list(plan.hops) + (["sinks"] if plan.broadcast else [])
+        self.scan = scan_length(plan)
+        hops = [] if self.scan else list(plan.hops)
+        self.parts = ["own"] + hops + (["sinks"] if plan.broadcast else [])
+
+    def rotate(self, keys, shift=1):
+        """Every array of ``keys`` sent ``shift`` devices on (receiver ``r`` gets ``r - shift``)."""
+        perm = [(t, (t + shift) % self.n) for t in range(self.n)]
+        return jax.tree.map(lambda x: jax.lax.ppermute(x, self.axis, perm), keys)
 
     @property
     def r(self):  # traced where it is used (custom_vjp rules must not close over tracers)
@@ -105,6 +118,29 @@ class _Transfers:
         return jnp.zeros(like.shape, ct.dtype).at[:, lo:hi].set(mine)
 
 
+def scan_length(plan) -> int:
+    """``m`` when the plan's hops are whole shards at shifts ``1 .. m`` (``m >= 2``) and nothing
+    is broadcast: they run as a scanned shift-by-one ring; else 0 (hops unrolled)."""
+    hops = plan.hops
+    whole = all(h.shift == i + 1 and (h.lo, h.hi) == (0, plan.local_len)
+                for i, h in enumerate(hops))
+    return len(hops) if whole and len(hops) >= 2 and plan.broadcast is None else 0
+
+
+def _piece_grads(fn, q, kk, vv, ctx, out, lse, dout, dlse):
+    """``(dq, dk, dv, dctx)`` of one part ``fn(q, kk, vv, ctx) -> (out_h, lse_h)`` through the
+    merge: cotangents ``w dout`` and ``w (dout . (out_h - out) + dlse)``,
+    ``w = exp(lse_h - lse)``."""
+    (o_h, lse_h), vjp = jax.vjp(fn, q, kk, vv, ctx)
+    live = jnp.isfinite(lse)
+    w = jnp.where(live & jnp.isfinite(lse_h), jnp.exp(lse_h - jnp.where(live, lse, 0.0)), 0.0)
+    d_lse, d_out = w * dlse, None
+    if out is not None:
+        d_lse = d_lse + w * jnp.sum(dout * (o_h - out), axis=-1)
+        d_out = w[..., None] * dout
+    return vjp((d_out, d_lse))
+
+
 def pass_fn(local_pass, axis: str, layout: str = "contiguous"):
     """Wrap a backend's pass (``lcattn.backends.<name>.pass_fn(...)``) into a ring pass over
     the mesh axis ``axis``.
@@ -144,6 +180,18 @@ def pass_fn(local_pass, axis: str, layout: str = "contiguous"):
                 got, fn = part_fn(part, k, v, ints)
                 piece = normalizer.from_result(*fn(q, got[0], got[1], ctx))
                 state = piece if state is None else normalizer.merge(state, piece)
+            if moves.scan:
+                def visit(state, buf):
+                    piece = local(q, buf[0], buf[1], ctx, ints, buf, None)
+                    return normalizer.merge(state, normalizer.from_result(*piece))
+
+                def step(carry, _):
+                    state, buf = carry
+                    return (visit(state, buf), moves.rotate(buf)), None  # next shard in flight
+
+                keys = moves.rotate((k, v, ints[1], ints[3], ints[5]))
+                (state, keys), _ = jax.lax.scan(step, (state, keys), length=moves.scan - 1)
+                state = visit(state, keys)
             return normalizer.finalize(state)
 
         @jax.custom_vjp
@@ -157,27 +205,41 @@ def pass_fn(local_pass, axis: str, layout: str = "contiguous"):
         def ring_bwd(res, cts):
             q, k, v, ctx, ints, out, lse = res
             dout, dlse = cts
-            live = jnp.isfinite(lse)
-            dq = jnp.zeros(q.shape, jnp.float32)
-            dk = jnp.zeros(k.shape, jnp.float32)
-            dv = None if v is None else jnp.zeros(v.shape, jnp.float32)
-            dctx = jax.tree.map(jnp.zeros_like, ctx)
+            f32 = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+            dq, dk, dv = varying_like((f32(q), f32(k), f32(v)), q)
+            dctx = varying_like(jax.tree.map(jnp.zeros_like, ctx), q)
             for part in moves.parts:
                 got, fn = part_fn(part, k, v, ints)
-                (o_h, lse_h), vjp = jax.vjp(fn, q, got[0], got[1], ctx)
-                w = jnp.where(live & jnp.isfinite(lse_h),
-                              jnp.exp(lse_h - jnp.where(live, lse, 0.0)), 0.0)
-                d_lse = w * dlse
-                d_out = None
-                if out is not None:
-                    d_lse = d_lse + w * jnp.sum(dout * (o_h - out), axis=-1)
-                    d_out = w[..., None] * dout
-                gq, gk, gv, gctx = vjp((d_out, d_lse))
+                gq, gk, gv, gctx = _piece_grads(fn, q, got[0], got[1], ctx, out, lse, dout,
+                                                dlse)
                 dq = dq + gq
                 dctx = jax.tree.map(jnp.add, dctx, gctx)
                 dk = dk + moves.send_back(part, gk.astype(jnp.float32), k)
                 if dv is not None:
                     dv = dv + moves.send_back(part, gv.astype(jnp.float32), v)
+            if moves.scan:  # dK / dV travel with their keys, then go home in one hop
+                def visit(acc, buf, dbuf):
+                    dq, dctx = acc
+                    fn = lambda q, kk, vv, ctx: local(q, kk, vv, ctx, ints, buf, None)  # noqa
+                    gq, gk, gv, gctx = _piece_grads(fn, q, buf[0], buf[1], ctx, out, lse,
+                                                    dout, dlse)
+                    dbuf = (dbuf[0] + gk.astype(jnp.float32),
+                            None if gv is None else dbuf[1] + gv.astype(jnp.float32))
+                    return (dq + gq, jax.tree.map(jnp.add, dctx, gctx)), dbuf
+
+                def step(carry, _):
+                    acc, buf, dbuf = carry
+                    acc, dbuf = visit(acc, buf, dbuf)
+                    return (acc, moves.rotate(buf), moves.rotate(dbuf)), None
+
+                keys = moves.rotate((k, v, ints[1], ints[3], ints[5]))
+                (acc, keys, dbuf), _ = jax.lax.scan(
+                    step, ((dq, dctx), keys, varying_like((f32(k), f32(v)), q)),
+                    length=moves.scan - 1)
+                (dq, dctx), dbuf = visit(acc, keys, dbuf)
+                home_k, home_v = moves.rotate(dbuf, -moves.scan)
+                dk = dk + home_k
+                dv = None if dv is None else dv + home_v
             return (dq.astype(q.dtype), dk.astype(k.dtype),
                     None if v is None else dv.astype(v.dtype), dctx, None)
 
