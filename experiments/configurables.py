@@ -38,6 +38,8 @@ from jax.sharding import Mesh
 
 from experiments import data, legacy, tasks
 from lcattn import attention, layers, masks, memory, normalizers, positions, sharding, ssm
+from lcattn.backends import ring_plan
+from lcattn.checks import choice
 
 _REGISTERED = False
 # Command-line flags shared by experiments.train / evaluate / sweep (absl flags are global).
@@ -63,6 +65,25 @@ def check_mesh(owner: str, mesh) -> Mesh:
                          f"lcattn.sharding.make_mesh (@sharding.make_mesh(), "
                          f"configs/mesh/*.gin), got {mesh!r}")
     return mesh
+
+
+CONTEXT_LAYOUTS = ("auto",) + ring_plan.LAYOUTS
+
+
+def context_layout(owner: str, requested: str, model, mesh: Mesh,
+                   attention_override=None) -> str:
+    """The ring layout a run uses (``train.context_layout`` / ``evaluate.context_layout``):
+    ``"auto"`` asks the model (``DecoderLM.context_layout``: zigzag for Causal / Full masks,
+    contiguous for windows and sinks); ``"contiguous"`` whenever the mesh does not split the
+    sequence (``context = 1``) or the model has no attention ring (HMT)."""
+    choice(owner, "context_layout", requested, CONTEXT_LAYOUTS)
+    n = dict(mesh.shape)["context"]
+    if n == 1 or not hasattr(model, "context_layout"):
+        return "contiguous"
+    layout = model.context_layout(attention_override) if requested == "auto" else requested
+    logging.getLogger("lcattn.config").info("%s: sequence split over %d devices (context), "
+                                            "%s layout", owner, n, layout)
+    return layout
 
 
 def init_distributed() -> None:

@@ -51,6 +51,7 @@ from experiments.tasks import Passkey
 from experiments.train import build_model, merge_model, split_model
 from lcattn import checks, memory, sharding
 from lcattn import model as model_lib
+from lcattn.backends import ring_plan
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -87,11 +88,14 @@ def _global(array: np.ndarray, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
                                         lambda index: array[index])
 
 
-def nll_by_position(model, tokens, length, batch_size, attention_override, mesh=None):
+def nll_by_position(model, tokens, length, batch_size, attention_override, mesh=None,
+                    context_layout: str = "contiguous"):
     """Mean NLL at each position ``[length]`` over sequences of ``length + 1`` tokens.
 
     Batches of ``batch_size`` sequences (the last one padded with zero-weight rows) are
-    sharded over the batch axes of ``mesh`` (default: one device).
+    sharded over the batch axes of ``mesh`` (default: one device); with ``context > 1`` each
+    sequence is reordered for ``context_layout`` (``ring_plan.layout_order``) and the curve
+    put back in token order.
     """
     n = (len(tokens) - 1) // length
     if n < 1:
@@ -101,12 +105,17 @@ def nll_by_position(model, tokens, length, batch_size, attention_override, mesh=
     graphdef, state = nnx.split(model)
     mesh = mesh or sharding.single_device_mesh()
     rows = sharding.batch_sharding(mesh).spec[0]
+    order = ring_plan.layout_order(context_layout, dict(mesh.shape)["context"], length)
+    kw = {} if context_layout == "contiguous" else dict(
+        positions=jnp.asarray(order, jnp.int32), context_layout=context_layout)
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
     def nll(state, batch, weight):
-        logits = nnx.merge(graphdef, state)(batch[:, :-1], attention_override=attention_override)
-        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
-        return jnp.sum(per_token * weight[:, None], axis=0)
+        inputs, targets = batch[:, :-1][:, order], batch[:, 1:][:, order]
+        logits = nnx.merge(graphdef, state)(inputs, attention_override=attention_override,
+                                            **kw)
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return jnp.zeros(length).at[order].set(jnp.sum(per_token * weight[:, None], axis=0))
 
     total = np.zeros(length)
     for i in range(0, n, batch_size):
@@ -182,7 +191,7 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
              length_multipliers=(1, 2, 4, 8, 16),
              max_tokens: int = 65_536, batch_size: int = 8, attention_override=None,
              passkey: Passkey | None = Passkey(), length_unit: int | None = None,
-             output_name: str = "eval") -> dict:
+             output_name: str = "eval", context_layout: str = "auto") -> dict:
     """Evaluate the checkpoint of ``checkpoint_workdir`` (default ``workdir``) into ``workdir``.
 
     Validation text comes from ``data`` (the run's corpus: ``evaluate.data`` and
@@ -193,7 +202,9 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
     (``tasks.Passkey``), None or ``trials=0`` to skip it. ``mesh``: the device mesh
     (``configs/mesh/*.gin``; None: one device), whatever mesh the run trained on; parameters
     are placed by the logical-axis rules and ``batch_size`` sequences are sharded over the
-    batch axes. Only process 0 writes files.
+    batch axes; with ``context > 1`` the sequence is split over ``context`` in
+    ``context_layout`` ("auto": the model's choice, ``configurables.context_layout``). Only
+    process 0 writes files.
     """
     checks.integers("evaluate", "length_multipliers", length_multipliers)
     checks.integer("evaluate", "length_unit", length_unit, allow_none=True)
@@ -217,8 +228,11 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
         tokens = np.concatenate(docs)[:max(max_tokens, max(lengths) + 1)]
         nll = np.full((len(lengths), max(lengths)), np.nan)
         losses = []
+        layout = configurables.context_layout("evaluate", context_layout, model, mesh,
+                                              attention_override)
         for i, length in enumerate(lengths):
-            curve = nll_by_position(model, tokens, length, batch_size, attention_override, mesh)
+            curve = nll_by_position(model, tokens, length, batch_size, attention_override, mesh,
+                                    layout)
             nll[i, :length] = curve
             losses.append(float(curve.mean()))
             log.info("L=%d loss %.4f (%.0fs)", length, losses[-1], time.perf_counter() - t0)

@@ -50,6 +50,7 @@ from experiments import checkpoints, configurables
 from experiments import data as data_lib
 from experiments.data import DataConfig
 from lcattn import checks, sharding
+from lcattn.backends import ring_plan
 from lcattn.layers import Mamba2Config
 from lcattn.memory import HMT, HMTConfig
 from lcattn.model import DecoderLM
@@ -129,17 +130,18 @@ def merge_model(graphdef, param_state, rest, params):
     return nnx.merge(graphdef, state, rest)
 
 
-def forward(model, batch):
+def forward(model, batch, context_layout: str = "contiguous"):
     """``(logits [B, T, V], loss mask [B, T])`` of a training batch.
 
-    A ``DecoderLM`` reads the batch's positions and segment ids (packed documents); an
+    A ``DecoderLM`` reads the batch's positions and segment ids (packed documents), with the
+    batch in ``context_layout``'s order under a mesh that splits the sequence; an
     ``HMT`` reads each row as one stream through its segment recurrence and restricts the
     mask to the segments its ``loss_segments`` names.
     """
     if isinstance(model, HMT):
         return model(batch["inputs"]), model.loss_mask(batch["loss_mask"])
     logits = model(batch["inputs"], positions=batch["positions"],
-                   segment_ids=batch["segment_ids"])
+                   segment_ids=batch["segment_ids"], context_layout=context_layout)
     return logits, batch["loss_mask"]
 
 
@@ -192,12 +194,14 @@ class Shardings:
                    sharding.batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec()))
 
 
-def make_train_step(graphdef, param_state, rest, tx, shard: Shardings):
+def make_train_step(graphdef, param_state, rest, tx, shard: Shardings,
+                    context_layout: str = "contiguous"):
     """``step(params, opt_state, batch) -> (params, opt_state, loss, grad norm, param norm)``:
     one ``jax.jit`` with ``shard``'s in/out shardings, donating params and optimizer state."""
     def step(params, opt_state, batch):
         def loss_fn(p):
-            logits, mask = forward(merge_model(graphdef, param_state, rest, p), batch)
+            logits, mask = forward(merge_model(graphdef, param_state, rest, p), batch,
+                                   context_layout)
             return lm_loss(logits, dict(batch, loss_mask=mask))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -228,7 +232,7 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
           learning_rate: float = 3e-3, warmup_steps: int = 30, end_lr_fraction: float = 0.1,
           weight_decay: float = 0.1, grad_clip: float = 1.0, checkpoint_every: int = 100,
           keep_checkpoints: int = 2, log_every: int = 10, seed: int = 0,
-          stop_at_step: int | None = None) -> dict:
+          stop_at_step: int | None = None, context_layout: str = "auto") -> dict:
     """Train ``build_model()`` on ``data``'s training split; returns the last metrics.
 
     ``data``: the corpus and pipeline (``experiments.data.DataConfig``; gin:
@@ -237,8 +241,11 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
     Parameters and optimizer moments are sharded by the logical-axis rules
     (``sharding.logical_rules.overrides`` in gin), batches over ``(data, fsdp)``; the step is
     one ``jax.jit`` with these in/out shardings, donating parameters and optimizer state.
-    ``batch_size`` is global. ``stop_at_step`` simulates a preemption: stop after that step
-    without a final checkpoint.
+    ``batch_size`` is global. ``context_layout``: with ``context > 1``, which tokens each
+    device holds (``configurables.context_layout``; "auto": zigzag for Causal / Full masks):
+    each batch is reordered once on the host (``ring_plan.layout_order``: tokens, positions,
+    segment ids, targets, loss mask alike, so the loss is unchanged). ``stop_at_step``
+    simulates a preemption: stop after that step without a final checkpoint.
     """
     for name, value in (("num_steps", num_steps), ("batch_size", batch_size),
                         ("seq_len", seq_len), ("checkpoint_every", checkpoint_every),
@@ -279,7 +286,9 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
     params = jax.device_put(params, shard.params)
     opt_state = jax.jit(tx.init, out_shardings=shard.opt_state)(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shard.replicated)
-    train_step = make_train_step(graphdef, param_state, rest, tx, shard)
+    layout = configurables.context_layout("train", context_layout, model, mesh)
+    order = ring_plan.layout_order(layout, dict(mesh.shape)["context"], seq_len)
+    train_step = make_train_step(graphdef, param_state, rest, tx, shard, layout)
     start = 0
     with checkpoints.manager(workdir, keep_checkpoints) as manager, jax.set_mesh(mesh), \
             sharding.use_rules(rules):
@@ -304,7 +313,8 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
 
         row, t0, t_last = {}, time.perf_counter(), time.perf_counter()
         for step in range(start + 1, num_steps + 1):
-            batch = place_batch(next(iterator), shard.batch, batch_size)
+            batch = place_batch({k: v[:, order] for k, v in next(iterator).items()},
+                                shard.batch, batch_size)
             params, opt_state, loss, gnorm, pnorm = train_step(params, opt_state, batch)
             log_now = step % log_every == 0 or step == num_steps
             save_now = step % checkpoint_every == 0 or step == num_steps

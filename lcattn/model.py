@@ -42,8 +42,9 @@ from flax import nnx
 
 from lcattn import backends, checks, sharding
 from lcattn.attention import AttentionSpec
+from lcattn.backends import ring_plan
 from lcattn.layers import Attention, Mamba2, Mamba2Config, RMSNorm, SwiGLU
-from lcattn.layers.attention import SpecOverride
+from lcattn.layers.attention import SpecOverride, resolve_spec
 from lcattn.layers.params import param
 from lcattn.positions import broadcast as broadcast_positions
 
@@ -133,9 +134,12 @@ class Block(nnx.Module):
     def _options(self, override, backend) -> dict:
         return {"spec": override, "backend": backend} if self.attention else {}
 
-    def __call__(self, x, *, positions, segment_ids, override, backend):
+    def __call__(self, x, *, positions, segment_ids, override, backend, context_layout):
+        opts = self._options(override, backend)
+        if self.attention:
+            opts["context_layout"] = context_layout
         x = x + self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids,
-                           **self._options(override, backend))
+                           **opts)
         return x + self.mlp(self.mlp_norm(x))
 
     def init_cache(self, batch_size, max_len, *, override, dtype):
@@ -217,7 +221,8 @@ class DecoderLM(nnx.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward_embeddings(self, x: jax.Array, *, positions=None, segment_ids=None,
                            attention_override: SpecOverride = None,
-                           backend: str | None = None) -> jax.Array:
+                           backend: str | None = None,
+                           context_layout: str = "contiguous") -> jax.Array:
         """The blocks on input embeddings: ``x [B, T, D] -> hidden [B, T, D]``.
 
         ``hidden`` is the residual stream after the last block, before ``final_norm``
@@ -229,13 +234,17 @@ class DecoderLM(nnx.Module):
             raise ValueError(f"`x` must have shape [batch, seq, d_model={self.d_model}], got "
                              f"{jnp.shape(x)}")
         b, t, _ = x.shape
+        if positions is None and context_layout != "contiguous":
+            raise ValueError(f"context_layout={context_layout!r} needs `positions` (the "
+                             "reordered tokens' own; lcattn.backends.ring_plan.layout_order)")
         positions = broadcast_positions("positions", positions, b, t)
         x = sharding.constrain(x.astype(self.dtype), RESIDUAL_AXES)
         backend = backend or self.backend
 
         def run(block, x, positions, segment_ids):
             y = block(x, positions=positions, segment_ids=segment_ids,
-                      override=attention_override, backend=backend)
+                      override=attention_override, backend=backend,
+                      context_layout=context_layout)
             return sharding.constrain(y, RESIDUAL_AXES)
 
         if self.remat is not None:
@@ -245,8 +254,8 @@ class DecoderLM(nnx.Module):
         return x
 
     def __call__(self, tokens: jax.Array, *, positions=None, segment_ids=None,
-                 attention_override: SpecOverride = None,
-                 backend: str | None = None) -> jax.Array:
+                 attention_override: SpecOverride = None, backend: str | None = None,
+                 context_layout: str = "contiguous") -> jax.Array:
         """``tokens int32 [B, T] -> logits float32 [B, T, V]``
         (``logits(forward_embeddings(embed(tokens)))``).
 
@@ -257,13 +266,25 @@ class DecoderLM(nnx.Module):
             callable ``spec -> spec`` (e.g. evaluate a Causal()-trained model under
             ``Lambda(window, n_global)`` with ``distance_limit``: LM-Infinite).
           backend: overrides every attention layer's backend.
+          context_layout: under a mesh with ``context > 1``, which tokens each device holds
+            (``"contiguous"``, or ``"zigzag"`` with the batch reordered by
+            ``lcattn.backends.ring_plan.layout_order`` and its ``positions`` given);
+            ``context_layout()`` says which suits this model.
         """
         checks.tokens(tokens)
         hidden = self.forward_embeddings(self.embed(tokens), positions=positions,
                                          segment_ids=segment_ids,
                                          attention_override=attention_override,
-                                         backend=backend)
+                                         backend=backend, context_layout=context_layout)
         return self.logits(hidden)
+
+    def context_layout(self, attention_override: SpecOverride = None) -> str:
+        """The ring layout for this model's attention masks (``ring_plan.preferred_layout``):
+        ``"zigzag"`` if a layer sees arbitrarily far back (Causal, Full), else
+        ``"contiguous"``."""
+        return ring_plan.preferred_layout(
+            resolve_spec(block.mixer.spec, attention_override).mask
+            for block in self.blocks if block.attention)
 
     # -- decoding --------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_len: int, *,

@@ -23,6 +23,8 @@ array is not sharded over it; one log line per call lists them.
 * ``use_rules(rules)`` and ``constrain(x, names)`` -- activation constraints inside a
   ``jax.set_mesh`` context (no-ops without a mesh);
 * ``context_parallel(fn, *args)`` -- ``fn`` inside ``shard_map`` over ``context``;
+* ``context_split(x)`` / ``kv_shards(fn, replicated, split)`` -- a KV cache sharded over
+  ``context`` along its slots, and ``fn`` inside ``shard_map`` on its parts (decoding);
 * ``axis_size(name)`` -- the size of a mesh axis of the current (abstract) mesh, 1 if none;
 * ``vma(x)`` / ``varying_like(tree, *refs)`` -- inside ``shard_map``: the manual axes a value
   varies over, and casting loop carries to match them.
@@ -283,6 +285,32 @@ def context_parallel(fn, *args):
     spec = PartitionSpec(None, "context")
     return jax.shard_map(body, in_specs=(spec,) * len(present), out_specs=spec,
                          axis_names=frozenset({"context"}))(*(args[i] for i in present))
+
+
+def context_split(x: jax.Array) -> jax.Array:
+    """``x [B, S, ...]`` (a KV cache array) constrained to ``S`` split over the mesh axis
+    ``context`` and ``B`` over the active rules' ``batch`` axes (others replicated), eagerly
+    or inside ``jit``; unchanged without a mesh with ``context > 1``. ``S`` must be a
+    multiple of the context size (else ``S`` is not split, like any non-dividing axis)."""
+    mesh = _abstract_mesh()
+    if mesh is None or dict(mesh.shape).get("context", 1) == 1:
+        return x
+    rules = dict(_ACTIVE_RULES[-1] if _ACTIVE_RULES else DEFAULT_RULES, length="context")
+    names = ("batch", "length") + (None,) * (x.ndim - 2)
+    spec = spec_for(names, x.shape, dict(mesh.shape), rules, "kv cache")
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def kv_shards(fn, replicated, split):
+    """``fn(replicated, split) -> (out, new_split)`` inside ``jax.shard_map`` over ``context``
+    (only ``context`` manual): every array of the pytree ``replicated`` is the same on each
+    device of ``context`` (whole), every array of the pytree ``split`` (``[B, S, ...]``, e.g.
+    a ``KVCache``) is split contiguously along ``S``; ``out`` must be the same on every
+    device (e.g. merged with ``psum``) and comes back whole, ``new_split`` comes back split
+    along dim 1. Use inside a ``jax.set_mesh`` context (``axis_size("context") > 1``)."""
+    whole, part = PartitionSpec(), PartitionSpec(None, "context")
+    return jax.shard_map(fn, in_specs=(whole, part), out_specs=(whole, part),
+                         axis_names=frozenset({"context"}))(replicated, split)
 
 
 def constrain(x: jax.Array, names: tuple) -> jax.Array:

@@ -149,6 +149,28 @@ def test_decoding_against_a_cache_sharded_over_context(mask, norm):
         np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-4)
 
 
+def test_pallas_tpu_kernels_as_the_ring_local_backend():
+    """The Mosaic TPU kernels (interpret mode) as each hop's pass: their outputs are typed as
+    varying over ``context``, so ``shard_map`` checks them like any value. LSSAR (two passes,
+    the first without V), output and gradients equal the reference."""
+    spec = lcattn.AttentionSpec(mask=masks.Causal(), normalizer=NORMS["reweighted"])
+    mesh = sharding.make_mesh(context=2, devices=jax.devices()[:2])
+    q, k, v = qkv(9, 1, 256, 256, 2, 1, 128)
+    cot = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+    rows = P(None, "context")
+    fn = jax.shard_map(lambda q, k, v: lcattn.attend(q, k, v, spec, backend="pallas_tpu",
+                                                     block_sizes=(128, 128),
+                                                     context_axis="context"),
+                       mesh=mesh, in_specs=(rows,) * 3, out_specs=rows)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cot)  # noqa: E731
+    out, grads = jax.jit(jax.value_and_grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+    ref, ref_grads = jax.value_and_grad(loss(lambda q, k, v: lcattn.attend(
+        q, k, v, spec, backend="reference")), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out, ref, rtol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-4)
+
+
 def test_ring_needs_shard_map_and_a_streaming_backend():
     q, k, v = qkv(5, 1, 16, 16, 2, 2, 8)
     spec = SPECS["causal"]
@@ -238,23 +260,52 @@ def test_compiled_program_sends_what_the_plan_says(mask, n):
         assert loops == [n - 2]
 
 
+def test_layout_order_and_preferred_layout():
+    order = ring_plan.layout_order("zigzag", 4, 16)
+    assert order.tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
+    assert ring_plan.layout_order("contiguous", 4, 16).tolist() == list(range(16))
+    with pytest.raises(ValueError, match="divisible by 8, got 12"):
+        ring_plan.layout_order("zigzag", 4, 12)
+    pick = ring_plan.preferred_layout
+    assert pick([masks.Causal()]) == pick([masks.Full()]) == "zigzag"
+    assert pick([masks.Local(4), masks.Lambda(8, 2), masks.Chunked(4)]) == "contiguous"
+    assert pick([masks.Lambda(8, 2), masks.Causal()]) == "zigzag"
+    assert pick([masks.Causal() & masks.Sinks(4)]) == "contiguous"
+
+
 def test_decoder_trains_on_a_data_x_context_mesh_like_one_device(tmp_path, monkeypatch):
     """configs/mesh/dp2_cp4.gin: the attention layers run as a ring (packed documents:
-    segment ids and restarting positions), and the losses are the single-device ones."""
+    segment ids and restarting positions) in the zigzag layout the causal model asks for (each
+    batch reordered once) and, when told, in the contiguous one; the losses are the
+    single-device ones, and so is the evaluation (loss by position, put back in order)."""
+    import tensorstore as ts
+
     from experiments import configurables
+    from experiments import evaluate as evaluate_lib
     from experiments import train as train_lib
     from tests.test_experiments import BASE, SMALL
 
-    calls = []
+    layouts = []
     wrapped = ring.pass_fn
-    monkeypatch.setattr(ring, "pass_fn", lambda *a, **kw: calls.append(a) or wrapped(*a, **kw))
+    monkeypatch.setattr(ring, "pass_fn", lambda *a: layouts.append(a[2]) or wrapped(*a))
     bindings = SMALL + ["train.batch_size = 8", "train.num_steps = 3", "train.warmup_steps = 1",
-                        "train.seq_len = 32"]
-    losses = {}
-    for name, files in (("one", []), ("ring", ["configs/mesh/dp2_cp4.gin"])):
-        configurables.parse(BASE + files, bindings)
+                        "train.seq_len = 32", "tasks.Passkey.trials = 0",
+                        "evaluate.length_multipliers = (1,)", "evaluate.max_tokens = 300"]
+    losses, evals = {}, {}
+    for name, files, extra in (
+            ("one", [], []), ("zigzag", ["configs/mesh/dp2_cp4.gin"], []),
+            ("contiguous", ["configs/mesh/dp2_cp4.gin"],
+             ["train.context_layout = 'contiguous'", "evaluate.context_layout = 'contiguous'"])):
+        layouts.clear()
+        configurables.parse(BASE + files, bindings + extra)
         train_lib.train(str(tmp_path / name))
         with open(tmp_path / name / "metrics.jsonl") as f:
             losses[name] = [row["loss"] for row in map(json.loads, f)]
-        assert bool(calls) == (name == "ring")
-    np.testing.assert_allclose(losses["ring"], losses["one"], rtol=2e-5)
+        evaluate_lib.evaluate(str(tmp_path / name))
+        evals[name] = ts.open({"driver": "zarr", "kvstore": {
+            "driver": "file", "path": str(tmp_path / name / "eval.zarr" / "nll_by_position")}},
+            open=True).result().read().result()
+        assert set(layouts) == (set() if name == "one" else {name})
+    for name in ("zigzag", "contiguous"):
+        np.testing.assert_allclose(losses[name], losses["one"], rtol=2e-5)
+        np.testing.assert_allclose(evals[name], evals["one"], rtol=2e-5)  # by position

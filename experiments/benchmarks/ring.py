@@ -15,7 +15,11 @@ Run (from the repository root; the script asks for 8 host CPU devices itself)::
    overhead, not speed): ``lcattn.attend`` forward + backward (``value_and_grad`` of a
    weighted sum w.r.t. q, k, v) at ``--seq_len`` on a ``context=8`` mesh with
    ``context_strategy`` ring and all_gather, and on one device, each as a ratio to one device,
-   with the compiled program's temporary bytes (per device for the sharded ones).
+   with the compiled program's temporary bytes (per device for the sharded ones); Causal also
+   in the zigzag layout (inputs reordered once, outside the timed function).
+3. Memory (compile only): per-device temporaries of the Causal ring's ``value_and_grad`` at a
+   fixed ``--memory_per_device`` tokens per device on ``context = 2, 4, 8`` (the scanned ring
+   from 3 devices on), against one device holding the whole sequence and one holding a shard.
 
 Prints one JSON object on stdout (progress on stderr); ``--out`` also writes it and a PNG.
 """
@@ -50,6 +54,8 @@ _KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "Plan: kv heads per key.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Plan: head width.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Timing: sequence length.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timing: timed calls.")
+_MEMORY_PER_DEVICE = flags.DEFINE_integer("memory_per_device", 4096,
+                                          "Memory: tokens per device.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON report here (and a PNG).")
 
 PLAN_MASKS = {"causal": masks.Causal(), "local4096": masks.Local(4096),
@@ -74,38 +80,79 @@ def plan_rows() -> list[dict]:
     return rows
 
 
+def _inputs(t, b=1, h=4, hk=2, d=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=(b, t, hh, d)), jnp.float32)
+                 for hh in (h, hk, hk, h))
+
+
+def _one_device_grad(spec, cot):
+    return jax.value_and_grad(lambda q, k, v: jnp.sum(
+        lcattn.attend(q, k, v, spec, backend="xla") * cot), argnums=(0, 1, 2))
+
+
+def _ring_grad(spec, mesh, cot, strategy="ring", layout="contiguous"):
+    def local(q, k, v, c, pos):
+        out = lcattn.attend(q, k, v, spec, backend="xla", q_positions=pos, k_positions=pos,
+                            context_axis="context", context_strategy=strategy,
+                            context_layout=layout)
+        return jax.lax.psum(jnp.sum(out * c), "context")
+
+    rows = P(None, "context")
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 5, out_specs=P())
+    order = ring_plan.layout_order(layout, mesh.shape["context"], cot.shape[1])
+    pos = jnp.asarray(order, jnp.int32)[None]
+    return order, jax.value_and_grad(lambda q, k, v: fn(q, k, v, cot[:, order], pos),
+                                     argnums=(0, 1, 2))
+
+
 def timing_rows() -> list[dict]:
-    t, b, h, hk, d = _SEQ_LEN.value, 1, 4, 2, 64
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=(b, t, hh, d)), jnp.float32)
-               for hh in (h, hk, hk))
-    cot = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    q, k, v, cot = _inputs(_SEQ_LEN.value)
     mesh = sharding.make_mesh(context=8)
     rows = []
     for name, mask in TIMING_MASKS.items():
         spec = lcattn.AttentionSpec(mask=mask)
-        one = jax.value_and_grad(lambda q, k, v: jnp.sum(
-            lcattn.attend(q, k, v, spec, backend="xla") * cot), argnums=(0, 1, 2))
         record = {"mask": name}
         log(f"timing: {name} one device")
-        rec, _ = compile_and_time(one, (q, k, v), _REPEATS.value)
+        rec, _ = compile_and_time(_one_device_grad(spec, cot), (q, k, v), _REPEATS.value)
         record["single_seconds"] = rec["seconds"]
         record["single_temp_bytes"] = rec.get("temp_size_in_bytes")
-        for strategy in ("ring", "all_gather"):
-            def local(q, k, v, c, strategy=strategy):
-                out = lcattn.attend(q, k, v, spec, backend="xla", context_axis="context",
-                                    context_strategy=strategy)
-                return jax.lax.psum(jnp.sum(out * c), "context")
-
-            fn = jax.shard_map(local, mesh=mesh, in_specs=(P(None, "context"),) * 4,
-                               out_specs=P())
-            grad = jax.value_and_grad(lambda q, k, v, fn=fn: fn(q, k, v, cot), argnums=(0, 1, 2))
-            log(f"timing: {name} {strategy}")
-            rec, _ = compile_and_time(grad, (q, k, v), _REPEATS.value)
-            record[f"{strategy}_seconds"] = rec["seconds"]
-            record[f"{strategy}_temp_bytes_per_device"] = rec.get("temp_size_in_bytes")
-            record[f"{strategy}_vs_single"] = rec["seconds"] / record["single_seconds"]
+        variants = [("ring", "ring", "contiguous"), ("all_gather", "all_gather", "contiguous")]
+        if name == "causal":
+            variants.append(("ring_zigzag", "ring", "zigzag"))
+        for label, strategy, layout in variants:
+            order, grad = _ring_grad(spec, mesh, cot, strategy, layout)
+            log(f"timing: {name} {label}")
+            rec, _ = compile_and_time(grad, (q[:, order], k[:, order], v[:, order]),
+                                      _REPEATS.value)
+            record[f"{label}_seconds"] = rec["seconds"]
+            record[f"{label}_temp_bytes_per_device"] = rec.get("temp_size_in_bytes")
+            record[f"{label}_vs_single"] = rec["seconds"] / record["single_seconds"]
         rows.append(record)
+    return rows
+
+
+def _temp_bytes(fn, args) -> int:
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    return jax.jit(fn).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+
+def memory_rows() -> list[dict]:
+    per, spec = _MEMORY_PER_DEVICE.value, lcattn.AttentionSpec(mask=masks.Causal())
+    rows = []
+    for n in (2, 4, 8):
+        t = per * n
+        log(f"memory: causal T={t} on {n} devices")
+        q, k, v, cot = _inputs(t)
+        mesh = sharding.make_mesh(context=n, devices=jax.devices()[:n])
+        _, grad = _ring_grad(spec, mesh, cot)
+        rows.append({"devices": n, "seq_len": t, "per_device": per,
+                     "ring_temp_bytes_per_device": _temp_bytes(grad, (q, k, v)),
+                     "one_device_whole_temp_bytes": _temp_bytes(
+                         _one_device_grad(spec, cot), (q, k, v)),
+                     "one_device_shard_temp_bytes": _temp_bytes(
+                         _one_device_grad(spec, cot[:, :per]), (q[:, :per], k[:, :per],
+                                                                v[:, :per]))})
     return rows
 
 
@@ -132,7 +179,8 @@ def main(argv):
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "devices": jax.device_count(), "jax": jax.__version__},
               "per_key_bytes": 2 * _KV_HEADS.value * _HEAD_DIM.value * 4 + 4,
-              "plan": plan_rows(), "timing_seq_len": _SEQ_LEN.value, "timing": timing_rows()}
+              "plan": plan_rows(), "timing_seq_len": _SEQ_LEN.value, "timing": timing_rows(),
+              "memory": memory_rows()}
     emit(report, _OUT.value, _plot)
 
 

@@ -91,6 +91,29 @@ def global_positions(layout: str, n: int, local_len: int) -> np.ndarray:
                      for r in range(n)])
 
 
+def preferred_layout(masks) -> str:
+    """``"zigzag"`` if some mask of ``masks`` lets a query see arbitrarily far back (Causal,
+    Full: contiguous shards would give the last device ``n`` times the first one's work),
+    else ``"contiguous"`` (windows, chunks and sinks are balanced as they are)."""
+    for mask in masks:
+        if any(a.d_hi >= _BIG // 2 and a.k_hi >= _BIG // 2 and not a.chunk
+               for a in mask.atoms()):
+            return "zigzag"
+    return "contiguous"
+
+
+def layout_order(layout: str, n: int, seq_len: int) -> np.ndarray:
+    """``int [seq_len]``: the token index at each place of a sequence reordered for
+    ``layout`` (``x[:, order]``, then split in ``n`` equal shards); ``np.argsort(order)``
+    restores token order. Tokens, positions, segment ids, targets and loss weights are all
+    reordered alike, so a mean loss is unchanged."""
+    per = 2 * n if layout == "zigzag" else n
+    if seq_len % per:
+        raise ValueError(f"context_layout={layout!r} on {n} devices needs a sequence length "
+                         f"divisible by {per}, got {seq_len}")
+    return global_positions(layout, n, seq_len // n).reshape(-1)
+
+
 class _Atoms(Mask):
     """A mask given by its atoms (planning only: ``classify`` and ``count``)."""
 

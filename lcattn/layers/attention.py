@@ -16,6 +16,11 @@ slots are never visible (and LSSA's visible-key count ``N_i`` is right). Two lay
   ``(p - window, p]`` -- ``Lambda(window, n_global)``, or ``Local(window)`` with
   ``n_global = 0``: ``n_global + window`` slots whatever ``max_len`` is; position ``p`` goes to
   slot ``p`` if ``p < n_global`` else ``n_global + (p - n_global) % window``.
+
+Under a mesh with ``context > 1`` (``jax.set_mesh``), either layout is split over ``context``
+along its slots (``init_cache`` rounds the slot count up to a multiple of the context size)
+and ``extend`` decodes against it without gathering it: each device attends to its slots and
+the parts merge by log-sum-exp (``lcattn.attend(..., context_strategy="kv_shards")``).
 """
 from __future__ import annotations
 
@@ -88,13 +93,21 @@ class KVCache:
     def size(self) -> int:
         return self.k.shape[1]
 
-    def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> "KVCache":
+    def write(self, positions: jax.Array, k: jax.Array, v: jax.Array, *,
+              context_axis: str | None = None) -> "KVCache":
         """Store keys/values ``[B, T, Hkv, Dh]`` at distinct positions ``int32 [B, T]``.
 
         In the ring only the sinks and the newest ``window`` positions of the call are written
         (older ones could never be seen again); full-layout positions ``>= S`` are dropped.
+        ``context_axis``: inside ``jax.shard_map``, this cache is this device's part of one
+        whose ``n * S`` slots are split contiguously over that mesh axis; ``positions``,
+        ``k``, ``v`` are the same on every device and each device writes the slots it holds.
         """
-        size = self.size
+        local, parts, offset = self.size, 1, 0
+        if context_axis is not None:
+            parts = jax.lax.axis_size(context_axis)
+            offset = jax.lax.axis_index(context_axis) * local
+        size = local * parts
         if self.window is None:
             slot = positions
         else:
@@ -103,7 +116,8 @@ class KVCache:
             ring = g + (positions - g) % w
             slot = jnp.where(positions < g, positions,
                              jnp.where(positions > newest - w, ring, size))
-        slot = jnp.where((slot >= 0) & (slot < size), slot, size)  # `size`: dropped
+        slot = jnp.where((slot >= 0) & (slot < size), slot - offset, local)
+        slot = jnp.where((slot >= 0) & (slot < local), slot, local)  # `local`: dropped
         rows = jnp.arange(positions.shape[0])[:, None]
 
         def put(buf, new):
@@ -112,6 +126,12 @@ class KVCache:
         return dataclasses.replace(
             self, k=put(self.k, k), v=put(self.v, v), positions=put(self.positions, positions),
             segment=put(self.segment, jnp.ones_like(positions)))
+
+    def context_split(self) -> "KVCache":
+        """This cache with its slots split over the current mesh's ``context`` axis
+        (``lcattn.sharding.context_split``; unchanged without one)."""
+        return dataclasses.replace(self, **{name: sharding.context_split(getattr(self, name))
+                                            for name in ("k", "v", "positions", "segment")})
 
 
 class Attention(nnx.Module):
@@ -154,7 +174,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, spec: SpecOverride = None,
-                 backend: str | None = None) -> jax.Array:
+                 backend: str | None = None, context_layout: str = "contiguous") -> jax.Array:
         """``x [B, T, D] -> [B, T, D]``.
 
         Args:
@@ -165,7 +185,9 @@ class Attention(nnx.Module):
           backend: overrides the layer's ``backend``.
 
         When the current mesh (``jax.set_mesh``) has ``context > 1``, the sequence is split
-        over it and attention runs as a ring (``lcattn.backends.ring``, contiguous layout).
+        over it and attention runs as a ring (``lcattn.backends.ring``): ``context_layout``
+        says which tokens each device holds (``"zigzag"``: ``x`` is in the order of
+        ``ring_plan.layout_order`` and ``positions`` are the tokens' own, so required).
         """
         q, k, v = self._qkv(x)
         spec, backend = resolve_spec(self.spec, spec), backend or self.backend
@@ -174,25 +196,37 @@ class Attention(nnx.Module):
                          q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                          backend=backend)
         else:  # the sequence is sharded over the mesh axis `context`: ring attention
+            if positions is None and context_layout != "contiguous":
+                raise ValueError(f"context_layout={context_layout!r} needs `positions` (the "
+                                 "reordered tokens' own; lcattn.backends.ring_plan.layout_order)")
             positions = broadcast_positions("positions", positions, *x.shape[:2])
             out = sharding.context_parallel(
                 lambda q, k, v, p, s: attend(q, k, v, spec, q_positions=p, k_positions=p,
                                              q_segment_ids=s, kv_segment_ids=s,
-                                             backend=backend, context_axis="context"),
+                                             backend=backend, context_axis="context",
+                                             context_layout=context_layout),
                 q, k, v, positions, segment_ids)
         return self._out(out)
 
     def init_cache(self, batch_size: int, max_len: int, *, spec: SpecOverride = None,
                    dtype=jnp.float32) -> KVCache:
-        """An empty cache for positions ``< max_len``; a ring when the (overridden) mask allows."""
+        """An empty cache for positions ``< max_len``; a ring when the (overridden) mask allows.
+
+        When the current mesh (``jax.set_mesh``) has ``context > 1``, the slot count is
+        rounded up to a multiple of the context size (the extra slots stay empty, or hold
+        positions ``>= max_len``) and the cache is split over ``context`` along its slots.
+        """
         layout = ring_layout(resolve_spec(self.spec, spec).mask)
         window, n_global, size = None, 0, max_len
         if layout is not None and sum(layout) < max_len:
             (window, n_global), size = layout, sum(layout)
+        parts = sharding.axis_size("context")
+        size = -(-size // parts) * parts
         shape = (batch_size, size, self.num_kv_heads, self.head_dim)
         positions = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (batch_size, size))
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), positions,
-                       jnp.zeros((batch_size, size), jnp.int32), window, n_global)
+                       jnp.zeros((batch_size, size), jnp.int32), window,
+                       n_global).context_split()
 
     def extend(self, x: jax.Array, cache: KVCache, *, positions: jax.Array,
                spec: SpecOverride = None, backend: str | None = None):
@@ -201,8 +235,17 @@ class Attention(nnx.Module):
         Returns ``(y [B, T, D], cache)`` with the new keys written. Prefill is one call with
         the prompt, a decode step one call with ``T = 1``; positions must be distinct and
         later than those already cached.
+
+        When the current mesh (``jax.set_mesh``) has ``context > 1``, the cache is split over
+        ``context`` along its slots (its size must be a multiple of the context size, as
+        ``init_cache`` makes it under that mesh) and stays split: ``x`` and the new keys are
+        whole on every device, each device attends to its part of the cache (the new keys
+        count on the first device only) and the parts merge across devices with the
+        normalizer's log-sum-exp merge (``context_strategy="kv_shards"``); each device writes
+        the new keys that fall in its slots.
         """
         spec = resolve_spec(self.spec, spec)
+        backend = backend or self.backend
         if cache.window is not None:
             layout = ring_layout(spec.mask)
             if layout is None or layout[0] > cache.window or layout[1] > cache.n_global:
@@ -211,12 +254,41 @@ class Attention(nnx.Module):
                     f"n_global={cache.n_global}) but the layer attends with mask={spec.mask!r}; "
                     "build the cache with the same attention_override")
         q, k, v = self._qkv(x)
-        ones = jnp.ones(positions.shape, jnp.int32)
-        k_all = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
-        v_all = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
-        out = attend(q, k_all, v_all, spec, q_positions=positions,
-                     k_positions=jnp.concatenate([cache.positions, positions], axis=1),
-                     q_segment_ids=ones,
-                     kv_segment_ids=jnp.concatenate([cache.segment, ones], axis=1),
-                     backend=backend or self.backend)
-        return self._out(out), cache.write(positions, k, v)
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        parts = sharding.axis_size("context")
+        if parts == 1:
+            out = _attend_cache(q, k, v, cache, positions, spec, backend, None)
+            return self._out(out), cache.write(positions, k, v)
+        if cache.size % parts:
+            raise ValueError(f"the KV cache has {cache.size} slots, which the mesh axis "
+                             f"'context' (size {parts}) does not divide; build the cache with "
+                             f"init_cache under the same mesh (it rounds the slots up to a "
+                             f"multiple of the context size)")
+
+        def per_device(new, cache):
+            q, k, v, positions = new
+            out = _attend_cache(q, k, v, cache, positions, spec, backend, "context")
+            return out, cache.write(positions, k, v, context_axis="context")
+
+        out, cache = sharding.kv_shards(per_device, (q, k, v, positions), cache)
+        return self._out(out), cache.context_split()
+
+
+def _attend_cache(q, k, v, cache: KVCache, positions, spec, backend, context_axis):
+    """``attend`` of ``q [B, T, Hq, Dh]`` over ``cache`` plus the new keys ``k, v``.
+
+    ``context_axis``: inside ``jax.shard_map``, ``cache`` is this device's part of a cache
+    split over that axis and ``q``, ``k``, ``v``, ``positions`` are whole; the new keys are
+    valid on the axis' first device only, so each counts once when the parts merge.
+    """
+    ones = jnp.ones(positions.shape, jnp.int32)
+    new_seg, extra = ones, {}
+    if context_axis is not None:
+        new_seg = jnp.where(jax.lax.axis_index(context_axis) == 0, ones, 0)
+        extra = dict(context_axis=context_axis, context_strategy="kv_shards")
+    return attend(q, jnp.concatenate([cache.k, k], axis=1),
+                  jnp.concatenate([cache.v, v], axis=1), spec, q_positions=positions,
+                  k_positions=jnp.concatenate([cache.positions, positions], axis=1),
+                  q_segment_ids=ones, kv_segment_ids=jnp.concatenate([cache.segment, new_seg],
+                                                                    axis=1),
+                  backend=backend, **extra)

@@ -333,6 +333,23 @@ def _grad_inputs(st: Static, ins: _Specs, rows, residuals):
     ins.add("base", base, rows(base))
 
 
+def _out(shape, arrays) -> jax.ShapeDtypeStruct:
+    """A float32 output of ``shape`` typed like ``arrays`` inside ``jax.shard_map``: varying
+    over the manual mesh axes they vary over (``check_vma`` needs it; a no-op elsewhere)."""
+    axes = set()
+    for x in (a for a in arrays if a is not None):
+        aval = jax.typeof(x)  # jax 0.10: manual_axis_type.varying; later releases: vma
+        mat = getattr(aval, "manual_axis_type", None)
+        axes |= set(mat.varying if mat is not None else getattr(aval, "vma", ()) or ())
+    if not axes:
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+    mat = getattr(jax.typeof(arrays[0]), "manual_axis_type", None)
+    if mat is not None:
+        return jax.ShapeDtypeStruct(shape, jnp.float32,
+                                    manual_axis_type=mat.update(varying=frozenset(axes)))
+    return jax.ShapeDtypeStruct(shape, jnp.float32, vma=frozenset(axes))
+
+
 def forward_call(st: Static, sched, arrays, cost):
     """``(out [B, Hq, Tq, Dv] f32 or None, lse [B, Hq, Tq, 1])`` of one pass."""
     q, v = arrays[0], arrays[2]
@@ -345,9 +362,9 @@ def forward_call(st: Static, sched, arrays, cost):
     scratch = [("m", pltpu.VMEM((st.block_q, 1), jnp.float32)),
                ("l", pltpu.VMEM((st.block_q, 1), jnp.float32))]
     if st.with_values:
-        outs.add("o", jax.ShapeDtypeStruct((b, hq, tq, v.shape[-1]), jnp.float32), rows(v))
+        outs.add("o", _out((b, hq, tq, v.shape[-1]), arrays[:3]), rows(v))
         scratch.append(("acc", pltpu.VMEM((st.block_q, v.shape[-1]), jnp.float32)))
-    lse_shape = jax.ShapeDtypeStruct((b, hq, tq, 1), jnp.float32)
+    lse_shape = _out((b, hq, tq, 1), arrays[:3])
     outs.add("lse", lse_shape, rows(lse_shape))
     result = _call(st, _fwd_kernel, "block_sparse_flash_fwd", sched, hq, ins, outs, scratch,
                    cost)
@@ -363,10 +380,10 @@ def dq_call(st: Static, sched, arrays, residuals, cost):
     _common_inputs(st, ins, spec_fns, arrays)
     _grad_inputs(st, ins, rows, residuals)
     outs = _Specs()
-    outs.add("dq", jax.ShapeDtypeStruct(q.shape, jnp.float32), rows(q))
+    outs.add("dq", _out(q.shape, arrays[:3]), rows(q))
     scratch = [("dq_acc", pltpu.VMEM((st.block_q, q.shape[-1]), jnp.float32))]
     if st.ctx_names:
-        outs.add("dctx", jax.ShapeDtypeStruct(ctx.shape, jnp.float32), rows(ctx))
+        outs.add("dctx", _out(ctx.shape, arrays[:3]), rows(ctx))
         scratch.append(("dctx_acc", pltpu.VMEM((st.block_q, ctx.shape[-1]), jnp.float32)))
     result = _call(st, _dq_kernel, "block_sparse_flash_dq", sched, q.shape[1], ins, outs,
                    scratch, cost)
@@ -383,10 +400,10 @@ def dkv_call(st: Static, sched_t, arrays, residuals, cost):
     _common_inputs(st, ins, spec_fns, arrays)
     _grad_inputs(st, ins, rows, residuals)
     outs = _Specs()
-    outs.add("dk", jax.ShapeDtypeStruct(k.shape, jnp.float32), cols(k))
+    outs.add("dk", _out(k.shape, arrays[:3]), cols(k))
     scratch = [("dk_acc", pltpu.VMEM((st.block_k, k.shape[-1]), jnp.float32))]
     if st.with_values:
-        outs.add("dv", jax.ShapeDtypeStruct(v.shape, jnp.float32), cols(v))
+        outs.add("dv", _out(v.shape, arrays[:3]), cols(v))
         scratch.append(("dv_acc", pltpu.VMEM((st.block_k, v.shape[-1]), jnp.float32)))
     result = _call(st, _dkv_kernel, "block_sparse_flash_dkv", sched_t, k.shape[1], ins, outs,
                    scratch, cost)
