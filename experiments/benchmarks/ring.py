@@ -17,7 +17,9 @@ Run (from the repository root; the script asks for 8 host CPU devices itself)::
    ``context_strategy`` ring and all_gather, and on one device, each as a ratio to one device,
    with the compiled program's temporary bytes (per device for the sharded ones); Causal also
    in the zigzag layout (inputs reordered once, outside the timed function).
-3. Memory (compile only): per-device temporaries of the Causal ring's ``value_and_grad`` at a
+3. Work balance (no hardware): non-empty 512 x 512 tiles per device over all hops, contiguous
+   vs zigzag, at the first ``--plan_lengths``: the busiest device over the mean.
+4. Memory (compile only): per-device temporaries of the Causal ring's ``value_and_grad`` at a
    fixed ``--memory_per_device`` tokens per device on ``context = 2, 4, 8`` (the scanned ring
    from 3 devices on), against one device holding the whole sequence and one holding a shard.
 
@@ -106,6 +108,29 @@ def _ring_grad(spec, mesh, cot, strategy="ring", layout="contiguous"):
                                      argnums=(0, 1, 2))
 
 
+def work_rows(block: int = 512) -> list[dict]:
+    """Non-empty tiles (``block``, or half a shard if smaller) each device attends over all
+    hops, per layout: the busiest device sets a ring step's time on hardware where devices run
+    in parallel."""
+    rows = []
+    t = int(_PLAN_LENGTHS.value[0])
+    for n in map(int, _PLAN_DEVICES.value):
+        for name, mask in PLAN_MASKS.items():
+            for layout in ring_plan.LAYOUTS:
+                pos = ring_plan.global_positions(layout, n, t // n)
+                step = min(block, t // n // 2)  # a tile never straddles a zigzag chunk
+                lo = pos[:, ::step]  # [n, blocks]: first index of each tile (runs are aligned)
+                hi = lo + step - 1
+                tiles = [int(np.sum(mask.classify(lo[r][:, None], hi[r][:, None],
+                                                  lo.reshape(-1)[None], hi.reshape(-1)[None])
+                                    != 0)) for r in range(n)]
+                rows.append({"mask": name, "seq_len": t, "devices": n, "layout": layout,
+                             "busiest_tiles": max(tiles), "mean_tiles": float(np.mean(tiles)),
+                             "tile": step,
+                             "imbalance": float(max(tiles) / np.mean(tiles))})
+    return rows
+
+
 def timing_rows() -> list[dict]:
     q, k, v, cot = _inputs(_SEQ_LEN.value)
     mesh = sharding.make_mesh(context=8)
@@ -179,7 +204,8 @@ def main(argv):
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "devices": jax.device_count(), "jax": jax.__version__},
               "per_key_bytes": 2 * _KV_HEADS.value * _HEAD_DIM.value * 4 + 4,
-              "plan": plan_rows(), "timing_seq_len": _SEQ_LEN.value, "timing": timing_rows(),
+              "plan": plan_rows(), "work": work_rows(), "timing_seq_len": _SEQ_LEN.value,
+              "timing": timing_rows(),
               "memory": memory_rows()}
     emit(report, _OUT.value, _plot)
 
