@@ -36,10 +36,36 @@ def _safe_div(a, b):
     return jnp.where(ok, a / jnp.where(ok, b, 1.0), 0.0)
 
 
+def finite(x):
+    """``isfinite(x)`` written as a comparison (Mosaic GPU lowers no ``is_finite``)."""
+    return jnp.abs(x) < jnp.inf
+
+
+def log1p(y):
+    """``log(1 + y)`` for ``0 <= y <= 1`` with multiply-adds and one division (Mosaic GPU
+    lowers no ``log1p``, ``custom_jvp`` or ``stop_gradient``): ``2 atanh(z)`` with
+    ``z = y / (2 + y) <= 1/3``, as ``2 z (1 + w/3 + w^2/5 + ... + w^8/17)``, ``w = z^2``;
+    the series' remainder is below ``w^9 / 19 < 2e-10`` relative, so value and derivative are
+    float32-exact to a few ulps."""
+    z = y / (2.0 + y)
+    w = z * z
+    series = jnp.zeros_like(w) + 1.0 / 17.0
+    for odd in range(15, 0, -2):
+        series = series * w + 1.0 / odd
+    return 2.0 * z * series
+
+
+def softplus(s):
+    """``log(1 + e^s) = max(s, 0) + log1p(e^-|s|)`` in ops every backend lowers (written with
+    one comparison, so the derivative at 0 is ``sigmoid(0) = 1/2``)."""
+    pos = s > 0
+    return jnp.where(pos, s, 0.0) + log1p(jnp.exp(jnp.where(pos, -s, s)))
+
+
 def log_softplus(s):
     """``log(softplus(s))`` without underflow for very negative ``s``."""
     low = s < -20.0
-    return jnp.where(low, s, jnp.log(jax.nn.softplus(jnp.where(low, 0.0, s))))
+    return jnp.where(low, s, jnp.log(softplus(jnp.where(low, 0.0, s))))
 
 
 def _l2_normalize(x):
@@ -72,7 +98,7 @@ class Normalizer:
         """Fold a tile of log-weights ``t [..., rows, keys]`` and values ``v [..., keys, dv]``."""
         m, l, acc = state
         m_new = jnp.maximum(m, jnp.max(t, axis=-1, keepdims=True))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        m_safe = jnp.where(finite(m_new), m_new, 0.0)
         p = jnp.exp(t - m_safe)
         alpha = jnp.exp(m - m_safe)
         l = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
@@ -86,7 +112,7 @@ class Normalizer:
         """Combine two states over disjoint key sets."""
         (ma, la, acca), (mb, lb, accb) = a, b
         m = jax.lax.stop_gradient(jnp.maximum(ma, mb))  # a stabilizer: the result ignores it
-        m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+        m_safe = jnp.where(finite(m), m, 0.0)
         wa, wb = jnp.exp(ma - m_safe), jnp.exp(mb - m_safe)
         acc = None if acca is None else wa * acca + wb * accb
         return m, wa * la + wb * lb, acc
@@ -102,9 +128,9 @@ class Normalizer:
     @staticmethod
     def from_result(out, lse):
         """The state whose ``finalize`` gives ``(out, lse)`` (to ``merge`` finished results)."""
-        finite = jnp.isfinite(lse)[..., None]
-        m = jnp.where(finite, lse[..., None], NEG_INF)
-        return m, finite.astype(jnp.float32), out
+        ok = finite(lse)[..., None]
+        m = jnp.where(ok, lse[..., None], NEG_INF)
+        return m, ok.astype(jnp.float32), out
 
     # -- math --------------------------------------------------------------------------------
     def prepare(self, q, k, log_count):
@@ -144,7 +170,7 @@ class Softmax(Normalizer):
     def dense_weights(self, s, visible, ctx=None):
         t = jnp.where(visible, self.log_weight(s), NEG_INF)
         m = jnp.max(t, axis=-1, keepdims=True)
-        e = jnp.exp(t - jnp.where(jnp.isfinite(m), m, 0.0))
+        e = jnp.exp(t - jnp.where(finite(m), m, 0.0))
         return _safe_div(e, jnp.sum(e, axis=-1, keepdims=True))
 
 
@@ -225,4 +251,5 @@ class VisibleCount(Normalizer):
         return visible.astype(jnp.float32)
 
 
-__all__ = ["Normalizer", "Softmax", "Softplus", "Reweighted", "VisibleCount", "log_softplus"]
+__all__ = ["Normalizer", "Softmax", "Softplus", "Reweighted", "VisibleCount", "finite", "log1p",
+           "log_softplus", "softplus"]

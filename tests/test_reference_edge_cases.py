@@ -180,3 +180,21 @@ def test_unknown_backend_raises(backend):
     q, k, v = data(30, 1, 4, 4, 2, 2, 8)
     with pytest.raises(ValueError, match="backend"):
         lcattn.attend(f32(q), f32(k), f32(v), spec_of(masks.Causal()), backend=backend)
+
+
+def test_lowerable_forms_equal_the_library_functions():
+    """``normalizers.log1p`` / ``softplus`` / ``finite`` (written without ``log1p`` and
+    ``is_finite``, which Mosaic GPU does not lower) against float64 numpy, values and
+    derivatives, over the whole float32 range the normalizers use."""
+    s = np.concatenate([np.linspace(-30, 30, 20001), [-1e-8, 0.0, 1e-8, 80.0, -80.0]])
+    x = jnp.asarray(s, jnp.float32)
+    want = np.log1p(np.exp(s.astype(np.float32).astype(np.float64)))
+    np.testing.assert_allclose(normalizers.softplus(x), want, rtol=3e-7, atol=1e-38)
+    slope = jax.vmap(jax.grad(normalizers.softplus))(x)
+    np.testing.assert_allclose(slope, 1 / (1 + np.exp(-s.astype(np.float32).astype(np.float64))),
+                               rtol=1e-6)
+    y = np.concatenate([np.logspace(-30, 0, 2001), np.linspace(0.5, 1, 1001)]).astype(np.float32)
+    np.testing.assert_allclose(normalizers.log1p(jnp.asarray(y)), np.log1p(y.astype(np.float64)),
+                               rtol=3e-7)
+    special = jnp.asarray([0.0, -jnp.inf, jnp.inf, jnp.nan, 3e38])
+    assert normalizers.finite(special).tolist() == [True, False, False, False, True]
