@@ -5,8 +5,9 @@ defines one of:
 
 * ``pass_fn(block_sizes: BlockSizes, interpret) -> pass`` (*streaming*: one online-softmax pass
   for ``lcattn.attention.streaming_attend``, which runs the normalizer's passes and
-  LM-Infinite's branches around it): ``xla``, ``pallas_tpu``;
-* ``attend(q, k, v, spec, inputs) -> out`` (*dense*: the whole attention): ``reference``.
+  LM-Infinite's branches around it): ``xla``, ``pallas_tpu``, ``pallas_gpu``;
+* ``attend(q, k, v, spec, inputs) -> out`` (*dense*: the whole attention): ``reference``,
+  ``cudnn`` (jax's cuDNN fused attention, for the specs it can express).
 
 Adding a backend is one ``register`` call. ``"auto"`` resolves through ``AUTO``: the first rule
 whose platform matches (and whose ``when`` accepts the spec) names the backend, and every rule
@@ -59,6 +60,8 @@ def register(backend: Backend) -> Backend:
 register(Backend("reference", "lcattn.backends.reference", streaming=False))
 register(Backend("xla", "lcattn.backends.xla", streaming=True))
 register(Backend("pallas_tpu", "lcattn.backends.pallas_tpu", streaming=True))
+register(Backend("pallas_gpu", "lcattn.backends.pallas_gpu", streaming=True))
+register(Backend("cudnn", "lcattn.backends.cudnn", streaming=False))
 
 AUTO: tuple[AutoRule, ...] = (
     AutoRule("*", "xla",
