@@ -180,7 +180,9 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
         the query's segment (packing).
       backend: a name from ``lcattn.backends``: ``"reference"`` (dense oracle), ``"xla"``
         (blockwise, skips empty tiles), ``"pallas_tpu"`` (Mosaic TPU block-sparse kernels),
-        or ``"auto"`` (``lcattn.backends.AUTO``: ``xla`` on every platform today).
+        ``"pallas_gpu"`` (Mosaic GPU forward kernel, bf16 operands, gradients from ``xla``),
+        ``"cudnn"`` (jax's cuDNN attention, for the specs it expresses), or ``"auto"``
+        (``lcattn.backends.AUTO``: ``xla`` on every platform today).
       interpret: for Pallas backends: run in interpret mode; None = when not on their
         platform. Ignored by ``reference`` and ``xla``.
       block_sizes: tiles of blockwise backends: a ``pallas_kernels.block_sizes.BlockSizes``

@@ -73,6 +73,47 @@ def tile_classes(mask: MaskLike, q_pos, k_pos, block_q: int, block_k: int, q_seg
     return cls.astype(np.int8)
 
 
+def iota_offset(pos) -> int | None:
+    """``c`` when static ``pos [B, T]`` is ``c + arange(T)`` in every row, else None."""
+    if not isinstance(pos, np.ndarray):
+        return None
+    c = int(pos[0, 0])
+    return c if np.array_equal(pos, c + np.arange(pos.shape[1])[None, :].repeat(len(pos), 0)) \
+        else None
+
+
+def padded_positions(pos, offset, length):
+    """``pos [B, T]`` padded to ``length`` (``offset + arange`` when static iota, else edge
+    values)."""
+    if offset is not None:
+        return np.broadcast_to(offset + np.arange(length, dtype=np.int32), (pos.shape[0], length))
+    return pad_axis(pos, length, 1, edge=True)
+
+
+def padded_rows(q_positions, k_positions, q_segment_ids, kv_segment_ids, tq_p: int, tk_p: int):
+    """``(q_off, k_off, qp, kp, qs, ks)``: each side's iota offset (``iota_offset``) and its
+    positions and segment ids (or None) padded to ``tq_p`` / ``tk_p``."""
+    q_off, k_off = iota_offset(q_positions), iota_offset(k_positions)
+    segs = q_segment_ids is not None
+    return (q_off, k_off, padded_positions(q_positions, q_off, tq_p),
+            padded_positions(k_positions, k_off, tk_p),
+            pad_axis(q_segment_ids, tq_p, 1, edge=True) if segs else None,
+            pad_axis(kv_segment_ids, tk_p, 1, edge=True) if segs else None)
+
+
+def padded_tile_classes(mask, qp, kp, tiling, qs, ks, kv_len: int):
+    """``[nq, nk]`` classes of one tiling of the padded positions: kv blocks holding only padded
+    keys are EMPTY, and one holding some is never FULL (its mask drops them)."""
+    bq, bk = tiling
+    classes = tile_classes(mask, qp, kp, bq, bk, qs, ks)
+    if kp.shape[1] == kv_len:
+        return classes
+    xp = np if isinstance(classes, np.ndarray) else jnp
+    start = np.arange(classes.shape[1]) * bk
+    classes = xp.where(start + bk > kv_len, xp.where(classes == FULL, PARTIAL, classes), classes)
+    return xp.where(start >= kv_len, EMPTY, classes).astype(np.int8)
+
+
 def block_lists(classes) -> BlockLists:
     """Compact per-row lists of non-empty kv blocks from ``[nq, nk]`` tile classes."""
     xp = np if isinstance(classes, np.ndarray) else jnp

@@ -22,14 +22,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import block_sparse
 from pallas_kernels.block_sizes import BlockSizes, for_lengths, tilings
 from pallas_kernels.block_sparse import pad_axis
-from pallas_kernels.protocols import EMPTY, FULL, PARTIAL
 from pallas_kernels.tpu import kernels
 
 SUBLANES, LANES = 8, 128  # TPU tiling: blocks are multiples of these (or the whole axis)
@@ -64,40 +62,12 @@ def block_shape(tq: int, tk: int, blocks: tuple[int, int], *, interpret: bool,
     return bq, bk
 
 
-def _iota_offset(pos) -> int | None:
-    """``c`` when static ``pos [B, T]`` is ``c + arange(T)`` in every row, else None."""
-    if not isinstance(pos, np.ndarray):
-        return None
-    c = int(pos[0, 0])
-    return c if np.array_equal(pos, c + np.arange(pos.shape[1])[None, :].repeat(len(pos), 0)) \
-        else None
-
-
-def _padded_positions(pos, offset, length):
-    if offset is not None:
-        return np.broadcast_to(offset + np.arange(length, dtype=np.int32), (pos.shape[0], length))
-    return pad_axis(pos, length, 1, edge=True)
-
-
 def _info(fields: dict, axis: int):
     """``(names, int32 [B, T, F] or [B, F, T] stacked along axis, or None)`` of the given fields."""
     names = tuple(n for n, a in fields.items() if a is not None)
     if not names:
         return names, None
     return names, jnp.stack([jnp.asarray(fields[n], jnp.int32) for n in names], axis=axis)
-
-
-def _tile_classes(mask, qp, kp, tiling, qs, ks, kv_len: int):
-    """``[nq, nk]`` classes of one tiling of the padded positions: kv blocks holding only padded
-    keys are EMPTY, and one holding some is never FULL (its mask drops them)."""
-    bq, bk = tiling
-    classes = block_sparse.tile_classes(mask, qp, kp, bq, bk, qs, ks)
-    if kp.shape[1] == kv_len:
-        return classes
-    xp = np if isinstance(classes, np.ndarray) else jnp
-    start = np.arange(classes.shape[1]) * bk
-    classes = xp.where(start + bk > kv_len, xp.where(classes == FULL, PARTIAL, classes), classes)
-    return xp.where(start >= kv_len, EMPTY, classes).astype(np.int8)
 
 
 def _costs(scheds, blocks, shapes):
@@ -157,13 +127,9 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     block_shape(tq, tk, blocks.forward, interpret=bool(interpret))
     block_shape(tq, tk, blocks.backward, interpret=bool(interpret), backward=True)
     (tq_p, tk_p), fwd, bwd = tilings(blocks, tq, tk)
-    q_off, k_off = _iota_offset(q_positions), _iota_offset(k_positions)
-    qp = _padded_positions(q_positions, q_off, tq_p)
-    kp = _padded_positions(k_positions, k_off, tk_p)
-    segs = q_segment_ids is not None
-    qs = pad_axis(q_segment_ids, tq_p, 1, edge=True) if segs else None
-    ks = pad_axis(kv_segment_ids, tk_p, 1, edge=True) if segs else None
-    classes = {t: _tile_classes(mask, qp, kp, t, qs, ks, tk) for t in {fwd, bwd}}
+    q_off, k_off, qp, kp, qs, ks = block_sparse.padded_rows(
+        q_positions, k_positions, q_segment_ids, kv_segment_ids, tq_p, tk_p)
+    classes = {t: block_sparse.padded_tile_classes(mask, qp, kp, t, qs, ks, tk) for t in {fwd, bwd}}
     sched = block_sparse.schedule(block_sparse.block_lists(classes[fwd]))
     sched_dq = (sched if bwd == fwd
                 else block_sparse.schedule(block_sparse.block_lists(classes[bwd])))

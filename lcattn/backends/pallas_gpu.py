@@ -1,0 +1,86 @@
+"""The ``pallas_gpu`` backend: ``pallas_kernels.gpu``'s Mosaic GPU (sm_90a) kernels as a pass:
+the forward kernel, and the dQ and dK/dV kernels as its ``custom_vjp``.
+
+Adapts ``streaming_attend``'s pass contract (``[B, T, H, D]``, prepared float32 q / k) to the
+kernel: heads first, and every matmul operand in ``OPERAND_DTYPE`` (bfloat16: WGMMA takes
+bf16 / fp16 operands) with float32 accumulation and float32 softmax statistics, for every
+normalizer. So a float32 model loses precision against the float32 reference here: q after the
+normalizer's scaling (LSSA: ``log(d) log(N_i)`` times a unit vector) and k are rounded to
+bf16 before ``QKᵀ``, ``P`` before ``PV``. ``interpret=None``: the Mosaic GPU interpreter when
+not on a GPU.
+
+The backward kernels (``pallas_kernels.gpu.backward``) recompute each visited tile from the
+saved ``lse``; they accumulate in float32 and round dQ / dK / dV once to bf16 (returned as
+float32), like FlashAttention. Not a kernel shape, and sent to the ``xla`` pass instead:
+LSSA's visible-key counting pass (``D = 1``, only when positions are not the default; it is
+never differentiated). ALiBi is a clear error.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lcattn.backends import xla
+from pallas_kernels import gpu
+from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.gpu.backward import flash_attention_bwd
+
+OPERAND_DTYPE = jnp.bfloat16
+
+
+def resolve_interpret(interpret):
+    """``interpret=None``: the Mosaic GPU interpreter unless running on a GPU."""
+    return jax.default_backend() != "gpu" if interpret is None else interpret
+
+
+def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
+    """A ``streaming_attend`` pass through the Mosaic GPU kernels, tiled by ``block_sizes``
+    (the package-wide default 512 x 512 means the kernels' defaults, 128 x 128 forward and
+    64 x 128 backward: their tiles are at most 256 x 256)."""
+    blocks = BlockSizes.of(block_sizes)
+    tiles = None if blocks == BlockSizes() else blocks
+    interpret = resolve_interpret(interpret)
+    fallback = xla.pass_fn(blocks)
+
+    def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
+        if bias is not None:
+            raise ValueError("backend='pallas_gpu': ALiBi is not supported by the GPU kernel "
+                             "yet; use backend='xla'")
+        kw = dict(mask=mask, normalizer=normalizer, pass_idx=pass_idx)
+        ints = (q_pos, k_pos, q_seg, kv_seg)
+        if q.shape[-1] == 1:  # LSSA's visible-key count: not a kernel shape
+            return fallback(q, k, v, ctx, *ints, None, **kw)
+
+        first = lambda x: None if x is None else jnp.swapaxes(x, 1, 2)  # noqa: E731
+        cast = lambda x: None if x is None else first(x).astype(OPERAND_DTYPE)  # noqa: E731
+        where = dict(q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
+                     kv_segment_ids=kv_seg, block_sizes=tiles, interpret=interpret, **kw)
+
+        def kernel(q, k, v, ctx):
+            out, lse = gpu.flash_attention_pass(cast(q), cast(k), cast(v),
+                                                {n: first(c) for n, c in ctx.items()}, **where)
+            return first(out), jnp.swapaxes(lse, 1, 2)
+
+        @jax.custom_vjp
+        def attend_pass(q, k, v, ctx):
+            return kernel(q, k, v, ctx)
+
+        def forward(q, k, v, ctx):
+            out, lse = kernel(q, k, v, ctx)
+            return (out, lse), (q, k, v, ctx, out, lse)
+
+        def backward(res, cts):
+            q, k, v, ctx, out, lse = res
+            dout, dlse = cts
+            dq, dk, dv, dctx = flash_attention_bwd(
+                cast(q), cast(k), cast(v), {n: first(c) for n, c in ctx.items()}, first(out),
+                jnp.swapaxes(lse, 1, 2), first(dout), jnp.swapaxes(dlse, 1, 2), **where)
+            dctx = {n: (jnp.zeros_like(c) if dctx is None else first(dctx[n]))
+                    for n, c in ctx.items()}
+            return (first(dq).astype(q.dtype), first(dk).astype(k.dtype),
+                    None if v is None else first(dv).astype(v.dtype), dctx)
+
+        attend_pass.defvjp(forward, backward)
+        return attend_pass(q, k, v, ctx)
+
+    return run
