@@ -22,5 +22,7 @@ setup(
         "numpy",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "ruff"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "ruff",
+                             # tests/test_notebooks.py: jupytext pairs, a real kernel
+                             "jupytext", "nbformat", "nbclient", "ipykernel"]},
 )
