@@ -47,7 +47,8 @@ def test_every_gin_file_parses_binds_and_states_its_command(path):
         return
     files = {"configs/base.gin": BASE, "configs/models": ["configs/base.gin", path],
              "configs/attention": ["configs/base.gin", "configs/models/tiny.gin", path],
-             "configs/memory": BASE + [path], "configs/mesh": BASE + [path]}
+             "configs/memory": BASE + [path], "configs/mesh": BASE + [path],
+             "configs/figures": ["configs/base.gin", path, "configs/attention/softmax_rope.gin"]}
     key = path if path == "configs/base.gin" else os.path.dirname(path)
     configurables.parse(files[key], [])
     model = train_lib.build_model()

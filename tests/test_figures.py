@@ -47,3 +47,20 @@ def test_mean_std_and_format():
     assert common.mean_std([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2.0)))
     assert common.fmt([1.5]) == "1.500"
     assert common.fmt([1.0, 3.0], 2) == "2.00 ± 1.41"
+
+
+def test_pool_reuses_a_finished_run_only_with_its_own_configuration(tmp_path):
+    """A finished run folder is reused (no training) when its ``figure_run.json`` says the
+    same configuration; a folder from another preset is a clear error, never reused."""
+    import json
+
+    quick = Pool(str(tmp_path), common.SCALES["quick"])
+    folder = tmp_path / "lssa_s0"
+    folder.mkdir()
+    (folder / "eval.json").write_text(json.dumps({"loss": {"128": 1.5}}))
+    (folder / "figure_run.json").write_text(json.dumps(
+        {"base_gin": list(quick.scale.base_gin), "variant": quick._variant(common.LSSA, 0)}))
+    assert quick.evaluation(common.LSSA, 0) == {"loss": {"128": 1.5}}
+    smoke = Pool(str(tmp_path), common.SCALES["smoke"])
+    with pytest.raises(ValueError, match="lssa_s0 holds run 'lssa' made with another"):
+        smoke.ensure(common.LSSA, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 from absl import app, flags
 
 from experiments import configurables
@@ -19,6 +20,8 @@ def main(argv):
     names = list(FIGURES) if FIGURE.value == "all" else [FIGURE.value]
     modules = [load(name) for name in names]
     workdir = configurables.WORKDIR.value or os.path.join("runs", "figures", PRESET.value)
+    # The runs of a figure compile the same programs per seed and per variant: keep them.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     t0 = time.perf_counter()
     for i, module in enumerate(modules):
         common.log.info("[%d/%d] figure %s (%.0fs elapsed)", i + 1, len(modules), module.NAME,

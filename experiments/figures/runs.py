@@ -5,7 +5,8 @@ run) without a seed; :class:`Pool` trains and evaluates it once per seed into
 ``WORKDIR/<run>_s<seed>/`` through ``experiments.sweep.run_variant`` (so a run folder is an
 ordinary sweep variant folder: ``eval.json``, ``eval.zarr``, checkpoints) and skips runs whose
 ``eval.json`` exists. Two figures asking for the same run name get the same folder: the name
-must then mean the same configuration, which the pool checks.
+must then mean the same configuration, which the pool checks (within a process by the
+:class:`Run`, across processes and presets by the ``figure_run.json`` each folder keeps).
 """
 from __future__ import annotations
 
@@ -71,6 +72,19 @@ class Pool:
 
         self._register(run)
         vdir = self.directory(run, seed)
+        config = {"base_gin": list(self.scale.base_gin), "variant": self._variant(run, seed)}
+        stamp = os.path.join(vdir, "figure_run.json")
+        found = None
+        if os.path.exists(stamp):
+            with open(stamp) as f:
+                found = json.load(f)
+        elif os.path.isdir(vdir):
+            found = "a folder without figure_run.json"
+        if found is not None and found != config:
+            raise ValueError(
+                f"figures: {vdir} holds run {run.name!r} made with another configuration "
+                f"({found}; asked for {config}), e.g. by another preset: use another "
+                "--workdir (default runs/figures/<preset>) or delete the folder")
         if os.path.exists(os.path.join(vdir, "eval.json")):
             return vdir
         if run.checkpoint_from is not None:
@@ -81,6 +95,9 @@ class Pool:
             source = self.directory(run.checkpoint_from, seed)
             variants[os.path.basename(source)] = self._variant(run.checkpoint_from, seed)
         log.info("figures: run %s (%.0fs elapsed)", name, time.perf_counter() - self._t0)
+        os.makedirs(vdir, exist_ok=True)
+        with open(stamp, "w") as f:  # first, so an interrupted run resumes only as itself
+            json.dump(config, f, indent=1)
         run_variant(name, variants[name], variants, self.scale.base_gin, self.workdir, ())
         return vdir
 
