@@ -10,6 +10,7 @@ from flax import nnx
 
 from experiments.figures import common
 from experiments.figures import lminfinite_diagnosis as diag
+from experiments.figures.runs import Pool
 from lcattn import masks, normalizers
 from lcattn.model import DecoderLM
 
@@ -127,6 +128,8 @@ def test_figure_end_to_end_on_a_random_model(tmp_path, monkeypatch):
     folder = tmp_path / "runs" / "softmax_rope_s0"
     folder.mkdir(parents=True)
     (folder / "eval.json").write_text(json.dumps({"length_unit": 2}))
+    pool = Pool(str(tmp_path / "runs"), common.SCALES["smoke"])
+    (folder / "figure_run.json").write_text(json.dumps(pool.config(common.SOFTMAX_ROPE, 0)))
     monkeypatch.setattr(diag, "_load", lambda folder: _tiny_model())
     monkeypatch.setattr(diag, "_validation", _tokens)
     data = common.make(diag, "smoke", str(tmp_path))

@@ -58,8 +58,7 @@ def test_pool_reuses_a_finished_run_only_with_its_own_configuration(tmp_path):
     folder = tmp_path / "lssa_s0"
     folder.mkdir()
     (folder / "eval.json").write_text(json.dumps({"loss": {"128": 1.5}}))
-    (folder / "figure_run.json").write_text(json.dumps(
-        {"base_gin": list(quick.scale.base_gin), "variant": quick._variant(common.LSSA, 0)}))
+    (folder / "figure_run.json").write_text(json.dumps(quick.config(common.LSSA, 0)))
     assert quick.evaluation(common.LSSA, 0) == {"loss": {"128": 1.5}}
     smoke = Pool(str(tmp_path), common.SCALES["smoke"])
     with pytest.raises(ValueError, match="lssa_s0 holds run 'lssa' made with another"):

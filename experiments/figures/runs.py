@@ -66,13 +66,17 @@ class Pool:
                 "checkpoint_from": (None if run.checkpoint_from is None
                                     else f"{run.checkpoint_from.name}_s{seed}")}
 
+    def config(self, run: Run, seed: int) -> dict:
+        """What ``figure_run.json`` in the run's folder records: base gin files and variant."""
+        return {"base_gin": list(self.scale.base_gin), "variant": self._variant(run, seed)}
+
     def ensure(self, run: Run, seed: int) -> str:
         """The folder of ``run`` at ``seed``, trained (or its source trained) and evaluated."""
         from experiments.sweep import run_variant  # heavy import, only when training
 
         self._register(run)
         vdir = self.directory(run, seed)
-        config = {"base_gin": list(self.scale.base_gin), "variant": self._variant(run, seed)}
+        config = self.config(run, seed)
         stamp = os.path.join(vdir, "figure_run.json")
         found = None
         if os.path.exists(stamp):
