@@ -56,26 +56,6 @@ BATCH_SIZE = 2 if SMOKE else 16
 NEW_TOKENS = 24 if SMOKE else 4 * SEQ_LEN   # generate well past the training length
 print(f"SMOKE={SMOKE} workdir={WORKDIR}")
 
-# %%
-# Figures are shown as PNG files (the experiments modules select matplotlib's Agg backend, so
-# inline plotting is off once they are imported); as a script, the path is printed.
-import matplotlib.pyplot as plt
-
-try:
-    from IPython import get_ipython
-    from IPython.display import Image, display
-    IN_IPYTHON = get_ipython() is not None
-except ImportError:
-    IN_IPYTHON = False
-
-
-def show(fig, name):
-    """Write ``fig`` to WORKDIR/name.png and display it (in IPython) or print its path."""
-    path = os.path.join(WORKDIR, name + ".png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    display(Image(path)) if IN_IPYTHON else print("figure:", path)
-
 # %% [markdown]
 # ## `attend()` over masks × normalizers
 #
@@ -89,8 +69,10 @@ def show(fig, name):
 import itertools
 
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 
 import lcattn
+from experiments.figures.notebook import show
 from lcattn import masks, normalizers
 
 kq, kk, kv = jax.random.split(jax.random.key(0), 3)
@@ -155,7 +137,7 @@ with open(os.path.join(WORKDIR, "metrics.jsonl")) as f:
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], "o-")
 ax.set(xlabel="step", ylabel="training loss (nats/byte)", title="tiny softmax+RoPE model")
-show(fig, "training_loss")
+show(fig, WORKDIR, "training_loss")
 
 # %% [markdown]
 # ## The model

@@ -57,35 +57,6 @@ GRID = 16 if SMOKE else 32    # positions in the gallery
 BLOCK = 4                     # tile size of the gallery's tile maps
 print(f"SMOKE={SMOKE} preset={PRESET} workdir={WORKDIR}")
 
-# %%
-# Figures are shown as PNG files (the experiments modules select matplotlib's Agg backend, so
-# inline plotting is off once they are imported); as a script, the path is printed.
-import matplotlib.pyplot as plt
-
-try:
-    from IPython import get_ipython
-    from IPython.display import Image, Markdown, display
-    IN_IPYTHON = get_ipython() is not None
-except ImportError:
-    IN_IPYTHON = False
-
-
-def show(fig, name):
-    """Write ``fig`` to WORKDIR/name.png and display it (in IPython) or print its path."""
-    path = os.path.join(WORKDIR, name + ".png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    display(Image(path)) if IN_IPYTHON else print("figure:", path)
-
-
-def show_written(name):
-    """Display (or print the path of) WORKDIR/name.png and the markdown table name.md."""
-    stem = os.path.join(WORKDIR, name)
-    display(Image(stem + ".png")) if IN_IPYTHON else print("figure:", stem + ".png")
-    with open(stem + ".md") as f:
-        display(Markdown(f.read())) if IN_IPYTHON else print(f.read())
-
-
 # %% [markdown]
 # ## A gallery of masks
 #
@@ -96,10 +67,12 @@ def show_written(name):
 # EMPTY, orange PARTIAL, blue FULL), from `mask.classify` on the tiles' position ranges.
 
 # %%
+import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
 from experiments.figures import common, load
+from experiments.figures.notebook import ipython_display, show, show_written
 from lcattn import masks
 
 mask_sparsity = load("mask_sparsity")
@@ -124,7 +97,7 @@ for ax in axes.flat:
     ax.set_yticks([])
 axes[0, 0].set(xlabel="key position →", ylabel="← query position")
 fig.tight_layout()
-show(fig, "mask_gallery")
+show(fig, WORKDIR, "mask_gallery")
 
 # %% [markdown]
 # `mask.count(q_pos, k_lo, k_hi)` gives the number of visible keys per query in closed form
@@ -146,7 +119,7 @@ for name, mask in GALLERY.items():
 
 # %%
 data = common.make(mask_sparsity, PRESET, WORKDIR)  # also writes .pdf and .json
-show_written(mask_sparsity.NAME)
+show_written(WORKDIR, mask_sparsity.NAME)
 
 # %% [markdown]
 # ## Explore the Λ-mask
@@ -171,10 +144,10 @@ def explore(window=8, n_global=2, distance_limit=8, block=4, length=32):
     a.set_title(f"effective distance, Lambda({window}, {n_global}), D={distance_limit}")
     b.imshow(mask_sparsity.tile_map(spec.mask, length, block), cmap=TILE_COLOURS, vmin=0, vmax=2)
     b.set_title(f"tile classes, {block}×{block} tiles")
-    show(fig, "explore")
+    show(fig, WORKDIR, "explore")
 
 
-if ipywidgets is not None and IN_IPYTHON:
+if ipywidgets is not None and ipython_display():
     ipywidgets.interact(explore, window=(1, 32), n_global=(0, 8), distance_limit=(1, 64),
                         block=[1, 2, 4, 8, 16], length=[32, 64, 128])
 else:

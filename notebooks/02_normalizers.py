@@ -61,27 +61,6 @@ SIGNAL = 0.75                    # each query is SIGNAL * (key 0) + noise
 P_VALUES = (1, 2, 3, 5, 8, 15, 30)
 print(f"SMOKE={SMOKE} N up to 2**{MAX_LOG2_N}, {QUERIES} queries")
 
-# %%
-# Figures are shown as PNG files (inline plotting may be off: the experiments modules select
-# matplotlib's Agg backend); as a script, the path is printed.
-import matplotlib.pyplot as plt
-
-try:
-    from IPython import get_ipython
-    from IPython.display import Image, display
-    IN_IPYTHON = get_ipython() is not None
-except ImportError:
-    IN_IPYTHON = False
-
-
-def show(fig, name):
-    """Write ``fig`` to WORKDIR/name.png and display it (in IPython) or print its path."""
-    path = os.path.join(WORKDIR, name + ".png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    display(Image(path)) if IN_IPYTHON else print("figure:", path)
-
-
 # %% [markdown]
 # ## One attention row
 #
@@ -95,9 +74,11 @@ def show(fig, name):
 import functools
 
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 from jax.scipy.special import entr
 
+from experiments.figures.notebook import ipython_display, show
 from lcattn import normalizers
 
 
@@ -122,7 +103,7 @@ for name, row in zip(NORMALIZERS, one_row):
 ax.set(xlabel="key j (key 0 is the query's target)", ylabel="attention weight",
        title="one query, 32 keys, the same q and k for every normalizer")
 ax.legend()
-show(fig, "rows")
+show(fig, WORKDIR, "rows")
 
 # %% [markdown]
 # The same rows as an array: with `treescope` (installed with flax) an interactive heat map,
@@ -134,9 +115,10 @@ try:
 except ImportError:
     treescope = None
 
-if treescope is not None and IN_IPYTHON:
-    display(treescope.render_array(one_row, axis_labels={0: "normalizer", 1: "key"},
-                                   axis_item_labels={0: list(NORMALIZERS)}, pixels_per_cell=14))
+if treescope is not None and ipython_display():
+    ipython_display().display(treescope.render_array(
+        one_row, axis_labels={0: "normalizer", 1: "key"},
+        axis_item_labels={0: list(NORMALIZERS)}, pixels_per_cell=14))
 else:
     with np.printoptions(precision=3, suppress=True, linewidth=120):
         print("\n".join(f"{name:11s} {row}" for name, row in zip(NORMALIZERS, one_row)))
@@ -166,7 +148,7 @@ a.set(xscale="log", xlabel="visible keys N", ylabel="entropy (nats)", title="row
 b.set(xscale="log", xlabel="visible keys N", ylabel="weight on the target key",
       title="attention kept on the target")
 a.legend(fontsize=8)
-show(fig, "entropy_vs_n")
+show(fig, WORKDIR, "entropy_vs_n")
 
 # %% [markdown]
 # ## LSSAR: sharpening with `p`
@@ -187,4 +169,4 @@ for p, r in rows_p.items():
     b.plot(np.sort(np.asarray(r[0]))[::-1][:20], "o-", ms=3, label=f"p={p}")
 b.set(yscale="log", xlabel="rank", ylabel="weight", title="largest 20 weights of one row")
 b.legend(fontsize=7, ncol=2)
-show(fig, "sharpening_with_p")
+show(fig, WORKDIR, "sharpening_with_p")

@@ -64,26 +64,9 @@ WORKDIR = os.environ.get("LCATTN_WORKDIR") or os.path.join(configurables.REPO_RO
 print(f"SMOKE={SMOKE} preset={PRESET} workdir={WORKDIR}")
 
 # %%
-# A written figure: its PNG and markdown table, displayed in IPython, printed otherwise.
-try:
-    from IPython import get_ipython
-    from IPython.display import Image, Markdown, display
-    IN_IPYTHON = get_ipython() is not None
-except ImportError:
-    IN_IPYTHON = False
-
-
-def show_written(name):
-    """Display (or print the path of) WORKDIR/name.png and the markdown table name.md."""
-    stem = os.path.join(WORKDIR, name)
-    display(Image(stem + ".png")) if IN_IPYTHON else print("figure:", stem + ".png")
-    with open(stem + ".md") as f:
-        display(Markdown(f.read())) if IN_IPYTHON else print(f.read())
-
-
-# %%
 from experiments import figures
 from experiments.figures import common
+from experiments.figures.notebook import show_written
 
 configurables.setup_logging()  # progress of each training and evaluation
 
@@ -96,7 +79,7 @@ configurables.setup_logging()  # progress of each training and evaluation
 
 # %%
 common.make(figures.load("lminfinite_nll"), PRESET, WORKDIR)
-show_written("lminfinite_nll")
+show_written(WORKDIR, "lminfinite_nll")
 
 # %% [markdown]
 # ## Figure 3: LSSA / LSSAR length extrapolation
@@ -106,4 +89,4 @@ show_written("lminfinite_nll")
 
 # %%
 common.make(figures.load("lssar_extrapolation"), PRESET, WORKDIR)
-show_written("lssar_extrapolation")
+show_written(WORKDIR, "lssar_extrapolation")

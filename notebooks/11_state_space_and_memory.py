@@ -65,26 +65,9 @@ WORKDIR = os.environ.get("LCATTN_WORKDIR") or os.path.join(configurables.REPO_RO
 print(f"SMOKE={SMOKE} preset={PRESET} workdir={WORKDIR}")
 
 # %%
-# A written figure: its PNG and markdown table, displayed in IPython, printed otherwise.
-try:
-    from IPython import get_ipython
-    from IPython.display import Image, Markdown, display
-    IN_IPYTHON = get_ipython() is not None
-except ImportError:
-    IN_IPYTHON = False
-
-
-def show_written(name):
-    """Display (or print the path of) WORKDIR/name.png and the markdown table name.md."""
-    stem = os.path.join(WORKDIR, name)
-    display(Image(stem + ".png")) if IN_IPYTHON else print("figure:", stem + ".png")
-    with open(stem + ".md") as f:
-        display(Markdown(f.read())) if IN_IPYTHON else print(f.read())
-
-
-# %%
 from experiments import figures
 from experiments.figures import common
+from experiments.figures.notebook import show_written
 
 configurables.setup_logging()  # progress of each training and evaluation
 
@@ -97,7 +80,7 @@ configurables.setup_logging()  # progress of each training and evaluation
 
 # %%
 common.make(figures.load("state_collapse"), PRESET, WORKDIR)
-show_written("state_collapse")
+show_written(WORKDIR, "state_collapse")
 
 # %% [markdown]
 # ## Figure 5: HMT against the number of segments
@@ -107,4 +90,4 @@ show_written("state_collapse")
 
 # %%
 common.make(figures.load("hmt_segments"), PRESET, WORKDIR)
-show_written("hmt_segments")
+show_written(WORKDIR, "hmt_segments")
