@@ -148,8 +148,10 @@ def streaming_attend(pass_fn: Callable, q, k, v, spec: AttentionSpec, inp: Input
         log_count = jnp.log(jnp.maximum(count, 1.0))[..., None]
     slopes = spec.position.slopes(hq)
     branches = []
+    length = pos_lib.rotation_length(inp.q_pos)  # the queries' own, for both rotations
     for mask, qe, ke in spec.branches(inp.q_pos, inp.k_pos):
-        qb, kb = norm.prepare(spec.position.rotate(q, qe), spec.position.rotate(k, ke), log_count)
+        qb, kb = norm.prepare(spec.position.rotate(q, qe, length),
+                              spec.position.rotate(k, ke, length), log_count)
         bias = None if slopes is None else (qe, ke, slopes)
         branches.append((mask, qb, kb, bias))  # float32: LSSAR's power amplifies rounding
     out = None
@@ -234,6 +236,13 @@ def _ring_attend(impl, q, k, v, spec, q_positions, k_positions, q_segment_ids, k
                              "(global positions of the queries and of this device's keys)")
         inp = validate(q, k, v, q_positions, k_positions, q_segment_ids, kv_segment_ids)
         return streaming_attend(ring.kv_shards_pass_fn(local, axis), q, k, v, spec, inp)
+    if isinstance(getattr(spec.position, "scaling", None), pos_lib.DynamicNTK):
+        raise ValueError(f"context_axis={axis!r}: RoPE scaling DynamicNTK rescales with the "
+                         f"sequence length max(q_positions) + 1, but under "
+                         f"context_strategy={strategy!r} each device sees only its shard's "
+                         f"positions; use a static scaling (NTK, YaRN, Llama3), attend without "
+                         f"context_axis, or context_strategy='kv_shards' (queries on every "
+                         f"device)")
     if q.shape[1] != k.shape[1] or (q_positions is None) != (k_positions is None):
         raise ValueError(f"context_axis: ring attention is self-attention over the sharded "
                          f"sequence: q and k need the same local length (got {q.shape[1]} and "

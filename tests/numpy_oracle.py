@@ -62,7 +62,8 @@ def np_visible(pred, q_pos, k_pos, q_seg=None, kv_seg=None):
 
 
 def np_rope(d, theta=10000.0, scaling=None):
-    """(inv_freq [d/2], position divisor, mscale) in float64 from the contract."""
+    """(inv_freq [d/2], position divisor, mscale) in float64 from the contract: plain,
+    ``("linear", f)`` or ``("ntk", f)`` (YaRN and Llama 3: tests/test_reference_oracle.py)."""
     th = float(theta)
     if scaling is not None and scaling[0] == "ntk":
         th = th * scaling[1] ** (d / (d - 2))
@@ -70,16 +71,6 @@ def np_rope(d, theta=10000.0, scaling=None):
     divisor, mscale = 1.0, 1.0
     if scaling is not None and scaling[0] == "linear":
         divisor = float(scaling[1])
-    if scaling is not None and scaling[0] == "yarn":
-        _, factor, orig_len, beta_fast, beta_slow = scaling
-        new = np.empty_like(inv)
-        for i in range(d // 2):
-            lam = 2.0 * math.pi / inv[i]
-            r = orig_len / lam
-            gamma = min(max((r - beta_slow) / (beta_fast - beta_slow), 0.0), 1.0)
-            new[i] = (1.0 - gamma) * inv[i] / factor + gamma * inv[i]
-        inv = new
-        mscale = 0.1 * math.log(factor) + 1.0
     return inv, divisor, mscale
 
 

@@ -23,7 +23,6 @@ from tests.numpy_oracle import (
     T,
     data,
     default_pos,
-    np_rope,
     np_visible,
     oracle,
     pred_causal,
@@ -32,6 +31,57 @@ from tests.numpy_oracle import (
     run,
     spec_of,
 )
+from tests.numpy_oracle import np_rope as np_rope_unscaled_or_linear_ntk
+
+
+def np_rope(d, theta=10000.0, scaling=None):
+    """``(inv_freq [d/2], position divisor, mscale)`` in float64 from the contract.
+
+    Plain / ``("linear", f)`` / ``("ntk", f)``: ``tests.numpy_oracle.np_rope``. Written here,
+    one dimension at a time:
+
+    * ``("yarn", f, L, beta_fast, beta_slow[, truncate[, attention_factor]])``: the ramp is
+      linear in the dimension index ``i`` (the YaRN authors' code and ``transformers``)
+      between the correction dimensions ``d ln(L / (2 pi n)) / (2 ln theta)`` of ``beta_fast``
+      (floored) and ``beta_slow`` (ceiled) rotations;
+    * ``("llama3", f, low_freq_factor, high_freq_factor, L)``: Llama 3.1's wavelength bands.
+    """
+    if scaling is None or scaling[0] not in ("yarn", "llama3"):
+        return np_rope_unscaled_or_linear_ntk(d, theta, scaling)
+    th = float(theta)
+    inv = [th ** (-2.0 * i / d) for i in range(d // 2)]
+    new = []
+    if scaling[0] == "llama3":
+        _, factor, low_ff, high_ff, orig = scaling
+        for f in inv:
+            wavelength = 2.0 * math.pi / f
+            if wavelength < orig / high_ff:
+                new.append(f)
+            elif wavelength > orig / low_ff:
+                new.append(f / factor)
+            else:
+                smooth = (orig / wavelength - low_ff) / (high_ff - low_ff)
+                new.append((1.0 - smooth) * f / factor + smooth * f)
+        return np.array(new, np.float64), 1.0, 1.0
+    factor, orig, beta_fast, beta_slow = scaling[1:5]
+    truncate = scaling[5] if len(scaling) > 5 else True
+    attention_factor = scaling[6] if len(scaling) > 6 else None
+    low = d * math.log(orig / (beta_fast * 2.0 * math.pi)) / (2.0 * math.log(th))
+    high = d * math.log(orig / (beta_slow * 2.0 * math.pi)) / (2.0 * math.log(th))
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high = high + 0.001
+    for i, f in enumerate(inv):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+        extrapolate = 1.0 - ramp
+        new.append(f / factor * (1.0 - extrapolate) + f * extrapolate)
+    if attention_factor is not None:
+        mscale = attention_factor
+    else:
+        mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return np.array(new, np.float64), 1.0, mscale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +350,11 @@ ROPE_CASES = {
     "yarn8_32_betas": (lambda: positions.RoPE(
         scaling=positions.YaRN(8.0, 32, beta_fast=16.0, beta_slow=2.0)),
         dict(scaling=("yarn", 8.0, 32, 16.0, 2.0))),
+    "yarn4_200_untruncated_af": (lambda: positions.RoPE(theta=500.0, scaling=positions.YaRN(
+        4.0, 200, truncate=False, attention_factor=1.3)),
+        dict(theta=500.0, scaling=("yarn", 4.0, 200, 32.0, 1.0, False, 1.3))),
+    "llama3_8_1000": (lambda: positions.RoPE(scaling=positions.Llama3(8.0, original_length=1000)),
+                      dict(scaling=("llama3", 8.0, 1.0, 4.0, 1000))),
 }
 
 

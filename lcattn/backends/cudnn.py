@@ -72,7 +72,8 @@ def check(spec, q, inp) -> dict:
 def attend(q, k, v, spec, inp):
     """``[B, Tq, Hq, Dv]`` through cuDNN; see ``lcattn.attend`` for the contract."""
     kwargs = check(spec, q, inp)
-    qe = spec.position.rotate(q, inp.q_pos).astype(q.dtype)
-    ke = spec.position.rotate(k, inp.k_pos).astype(k.dtype)
+    length = pos_lib.rotation_length(inp.q_pos)  # the queries' own, for both rotations
+    qe = spec.position.rotate(q, inp.q_pos, length).astype(q.dtype)
+    ke = spec.position.rotate(k, inp.k_pos, length).astype(k.dtype)
     return jax.nn.dot_product_attention(qe, ke, v.astype(q.dtype),
                                         implementation=IMPLEMENTATION, **kwargs)

@@ -14,10 +14,11 @@ from lcattn import masks as masks_lib
 from lcattn import positions as pos_lib
 
 
-def _scores(q, k, spec, q_pos, k_pos, log_count):
-    """``[B, H, Tq, Tk]`` float32 scores of prepared q/k at encoding positions, plus ALiBi."""
-    qe = spec.position.rotate(q, q_pos)
-    ke = spec.position.rotate(k, k_pos)
+def _scores(q, k, spec, q_pos, k_pos, log_count, length):
+    """``[B, H, Tq, Tk]`` float32 scores of prepared q/k at encoding positions, plus ALiBi;
+    ``length``: the call's ``rotation_length`` (of the true query positions)."""
+    qe = spec.position.rotate(q, q_pos, length)
+    ke = spec.position.rotate(k, k_pos, length)
     qe, ke = spec.normalizer.prepare(qe, ke, log_count)
     s = jnp.einsum("bqhd,bkhd->bhqk", qe, ke, preferred_element_type=jnp.float32)
     slopes = spec.position.slopes(q.shape[2])
@@ -39,11 +40,12 @@ def attend(q, k, v, spec, inp):
         visible = visible & (inp.q_seg[:, :, None] == inp.kv_seg[:, None, :])
     count = jnp.sum(visible, axis=-1).astype(jnp.float32)  # [B, Tq]
     log_count = jnp.log(jnp.maximum(count, 1.0))[..., None]
-    s = _scores(q, k, spec, qp, kp, log_count)
+    length = pos_lib.rotation_length(inp.q_pos)  # the queries' own, for every rotation
+    s = _scores(q, k, spec, qp, kp, log_count, length)
     if spec.distance_limit is not None:
         far = visible & masks_lib.Beyond(spec.mask.window)(qp[:, :, None], kp[:, None, :])
         s_far = _scores(q, k, spec, jnp.full_like(qp, spec.distance_limit), jnp.zeros_like(kp),
-                        log_count)
+                        log_count, length)
         s = jnp.where(far[:, None], s_far, s)
     ctx = {"count": count[:, None, :, None], "q_pos": qp[:, None, :, None].astype(jnp.float32)}
     p = spec.normalizer.dense_weights(s, visible[:, None], ctx)
