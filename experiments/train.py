@@ -110,7 +110,7 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
     model = DecoderLM(
         vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
         num_kv_heads=num_kv_heads or num_heads, head_dim=head_dim or d_model // num_heads,
-        mlp_dim=mlp_dim or 4 * d_model,
+        mlp_dim=4 * d_model if mlp_dim is None else mlp_dim,
         layer_pattern=tuple(layer_pattern) * (num_layers // len(layer_pattern)),
         attention_specs=attention_specs, tie_embeddings=tie_embeddings, backend=backend,
         mamba2=mamba2, dtype=jnp.dtype(compute_dtype), remat=remat, rngs=rngs)

@@ -1,9 +1,12 @@
 """``DecoderLM``: a decoder-only LM whose layers mix sequence mixers, with KV-cache decoding.
 
 Each layer is a pre-norm residual block ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``
-(SwiGLU); a final RMSNorm and a tied (``logits = h E^T``) or untied head give float32 logits.
-Input embeddings are scaled by ``sqrt(d_model)``; the embedding table starts at std
-``1/sqrt(d_model)`` so both the residual stream and the tied logits start near unit scale.
+(SwiGLU; ``mlp_dim=0``: no MLP, as in Mamba-2 checkpoints); a final RMSNorm and a tied
+(``logits = h E^T``) or untied head give float32 logits. Input embeddings are scaled by
+``sqrt(d_model)``; the embedding table starts at std ``1/sqrt(d_model)`` so both the residual
+stream and the tied logits start near unit scale. ``Conventions`` holds the details in which
+other codebases' checkpoints differ (no embedding scale, norm epsilon, attention biases);
+``lcattn.pretrained`` sets them when it loads one.
 
 ``layer_pattern`` names each layer's mixer, looked up in ``MIXERS``. A mixer kind is built
 by ``build(dims, spec, rngs)`` and is an ``nnx.Module`` with
@@ -50,14 +53,40 @@ from lcattn.positions import broadcast as broadcast_positions
 
 
 @dataclasses.dataclass(frozen=True)
+class Conventions:
+    """Where decoders of other codebases differ from lcattn's own (defaults: lcattn's).
+
+    Attributes:
+      scale_embeddings: multiply input embeddings by ``sqrt(d_model)`` (lcattn, Gemma) or
+        not (Llama, Mistral, Qwen2, Mamba-2).
+      norm_eps: epsilon of every block's and the final RMSNorm (Llama's ``rms_norm_eps``).
+      qkv_bias: biases on the q, k, v projections (Qwen2; Llama's ``attention_bias``).
+      out_bias: bias on the attention output projection (Llama's ``attention_bias``).
+    """
+
+    scale_embeddings: bool = True
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    out_bias: bool = False
+
+    def __post_init__(self):
+        checks.positive("Conventions", "norm_eps", self.norm_eps)
+        for name in ("scale_embeddings", "qkv_bias", "out_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Conventions: `{name}` must be a bool, got "
+                                 f"{getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Dims:
-    """Model sizes handed to every mixer builder."""
+    """Model sizes (and conventions) handed to every mixer builder."""
 
     d_model: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
     mamba2: Mamba2Config = Mamba2Config()
+    conventions: Conventions = Conventions()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +98,9 @@ class MixerKind:
 
 
 def _build_attention(dims: Dims, spec: AttentionSpec | None, rngs: nnx.Rngs) -> Attention:
+    c = dims.conventions
     return Attention(dims.d_model, dims.num_heads, dims.num_kv_heads, dims.head_dim, spec,
-                     rngs=rngs)
+                     rngs=rngs, qkv_bias=c.qkv_bias, out_bias=c.out_bias)
 
 
 def _build_mamba2(dims: Dims, spec: AttentionSpec | None, rngs: nnx.Rngs) -> Mamba2:
@@ -120,16 +150,21 @@ def _layer_specs(layer_pattern, attention_specs) -> tuple[AttentionSpec | None, 
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))`` (no MLP
+    when ``mlp_dim == 0``)."""
 
     def __init__(self, kind: str, dims: Dims, mlp_dim: int, spec: AttentionSpec | None, *,
                  rngs: nnx.Rngs):
         self.kind = kind
         self.attention = MIXERS[kind].attention
-        self.mixer_norm = RMSNorm(dims.d_model, rngs=rngs)
+        eps = dims.conventions.norm_eps
+        self.mixer_norm = RMSNorm(dims.d_model, eps, rngs=rngs)
         self.mixer = MIXERS[kind].build(dims, spec, rngs)
-        self.mlp_norm = RMSNorm(dims.d_model, rngs=rngs)
-        self.mlp = SwiGLU(dims.d_model, mlp_dim, rngs=rngs)
+        self.mlp_norm = RMSNorm(dims.d_model, eps, rngs=rngs) if mlp_dim else None
+        self.mlp = SwiGLU(dims.d_model, mlp_dim, rngs=rngs) if mlp_dim else None
+
+    def _feed_forward(self, x):
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
     def _options(self, override, backend) -> dict:
         return {"spec": override, "backend": backend} if self.attention else {}
@@ -140,7 +175,7 @@ class Block(nnx.Module):
             opts["context_layout"] = context_layout
         x = x + self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids,
                            **opts)
-        return x + self.mlp(self.mlp_norm(x))
+        return self._feed_forward(x)
 
     def init_cache(self, batch_size, max_len, *, override, dtype):
         opts = {"spec": override} if self.attention else {}
@@ -149,8 +184,7 @@ class Block(nnx.Module):
     def extend(self, x, cache, *, positions, override, backend):
         y, cache = self.mixer.extend(self.mixer_norm(x), cache, positions=positions,
                                      **self._options(override, backend))
-        x = x + y
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return self._feed_forward(x + y), cache
 
 
 class DecoderLM(nnx.Module):
@@ -170,16 +204,22 @@ class DecoderLM(nnx.Module):
       remat: None (store activations for the backward pass) or the name of a
         ``jax.checkpoint_policies`` policy (``REMAT_POLICIES``), e.g. ``"nothing_saveable"``:
         each block is rematerialized (``nnx.remat``) under it, trading compute for memory.
+      mlp_dim: SwiGLU width, or 0 for blocks without an MLP.
+      conventions: ``Conventions`` (embedding scale, norm epsilon, attention biases).
     """
 
     def __init__(self, *, vocab_size: int, d_model: int, num_heads: int, num_kv_heads: int,
                  head_dim: int, mlp_dim: int, layer_pattern: Sequence[str] = ("attn", "attn"),
                  attention_specs=None, tie_embeddings: bool = True, backend: str = "auto",
                  mamba2: Mamba2Config | None = None, dtype=jnp.float32,
-                 remat: str | None = None, rngs: nnx.Rngs):
-        for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
-                            ("mlp_dim", mlp_dim)):
+                 remat: str | None = None, conventions: Conventions = Conventions(),
+                 rngs: nnx.Rngs):
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model)):
             checks.integer("DecoderLM", name, value)
+        checks.integer("DecoderLM", "mlp_dim", mlp_dim, minimum=0)
+        if not isinstance(conventions, Conventions):
+            raise ValueError(f"DecoderLM: `conventions` must be a Conventions, got "
+                             f"{conventions!r}")
         backends.check_name(backend, "DecoderLM")
         if remat is not None:
             checks.choice("DecoderLM", "remat", remat, REMAT_POLICIES)
@@ -188,23 +228,27 @@ class DecoderLM(nnx.Module):
         if not isinstance(mamba2, Mamba2Config):
             raise ValueError(f"DecoderLM: `mamba2` must be None or a Mamba2Config, got "
                              f"{mamba2!r}")
-        dims = Dims(d_model, num_heads, num_kv_heads, head_dim, mamba2)
+        dims = Dims(d_model, num_heads, num_kv_heads, head_dim, mamba2, conventions)
         self.layer_pattern, self.backend = tuple(layer_pattern), backend
+        self.conventions = conventions
         self.d_model, self.vocab_size, self.dtype = d_model, vocab_size, jnp.dtype(dtype)
         self.remat = remat
         self.embedding = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(d_model)),
                                 (vocab_size, d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(kind, dims, mlp_dim, spec, rngs=rngs)
                                 for kind, spec in zip(self.layer_pattern, specs)])
-        self.final_norm = RMSNorm(d_model, rngs=rngs)
+        self.final_norm = RMSNorm(d_model, conventions.norm_eps, rngs=rngs)
         self.head = None if tie_embeddings else param(
             rngs, nnx.initializers.lecun_normal(), (d_model, vocab_size), ("embed", "vocab"))
 
     # -- pieces ----------------------------------------------------------------------------
     def embed(self, tokens: jax.Array) -> jax.Array:
-        """``tokens int32 [B, T] -> x [B, T, D]``: ``E[tokens] * sqrt(d_model)`` in ``dtype``."""
+        """``tokens int32 [B, T] -> x [B, T, D]``: ``E[tokens] * sqrt(d_model)`` in ``dtype``
+        (``E[tokens]`` without ``conventions.scale_embeddings``)."""
         table = sharding.constrain(self.embedding[...], (None, None))  # gathered whole
         x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        if not self.conventions.scale_embeddings:
+            return x
         return x * jnp.asarray(math.sqrt(self.d_model), self.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

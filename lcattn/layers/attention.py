@@ -3,7 +3,8 @@
 ``Attention`` projects ``x [B, T, D]`` to ``q [B, T, Hq, Dh]`` and ``k, v [B, T, Hkv, Dh]``
 (query head ``h`` reads kv head ``h // (Hq // Hkv)``), calls ``lcattn.attend`` with q and k
 *unrotated* (``attend`` applies RoPE / ALiBi and LM-Infinite's distance limit itself) and
-projects back with ``wo``. No biases.
+projects back with ``wo``. Optional biases: ``qkv_bias`` on the q/k/v projections (Qwen2,
+Llama's ``attention_bias``) and ``out_bias`` on ``wo`` (Llama's ``attention_bias``).
 
 ``KVCache`` stores keys unrotated together with their absolute positions, so a cached key is
 scored exactly as in the full forward pass under any mask, position encoding or distance
@@ -140,11 +141,14 @@ class Attention(nnx.Module):
     Parameters (float32, cast to the input dtype when applied):
       ``wq [d_model, num_heads, head_dim]`` (``embed, heads, head_dim``),
       ``wk``, ``wv [d_model, num_kv_heads, head_dim]`` (``embed, kv_heads, head_dim``),
-      ``wo [num_heads, head_dim, d_model]`` (``heads, head_dim, embed``).
+      ``wo [num_heads, head_dim, d_model]`` (``heads, head_dim, embed``);
+      with ``qkv_bias``: ``bq [num_heads, head_dim]``, ``bk``, ``bv [num_kv_heads, head_dim]``;
+      with ``out_bias``: ``bo [d_model]`` (``embed``). Biases start at zero.
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 spec: AttentionSpec | None = None, *, rngs: nnx.Rngs, backend: str = "auto"):
+                 spec: AttentionSpec | None = None, *, rngs: nnx.Rngs, backend: str = "auto",
+                 qkv_bias: bool = False, out_bias: bool = False):
         for name, value in (("d_model", d_model), ("num_heads", num_heads),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             checks.integer("Attention", name, value)
@@ -163,14 +167,20 @@ class Attention(nnx.Module):
         self.wv = param(rngs, fan_in(0, (1, 2)), (d_model, num_kv_heads, head_dim), kv_names)
         self.wo = param(rngs, fan_in((0, 1), 2), (num_heads, head_dim, d_model),
                         ("heads", "head_dim", "embed"))
+        zeros = nnx.initializers.zeros_init()
+        bias = lambda shape, names, on: param(rngs, zeros, shape, names) if on else None  # noqa: E731
+        self.bq = bias((num_heads, head_dim), q_names[1:], qkv_bias)
+        self.bk = bias((num_kv_heads, head_dim), kv_names[1:], qkv_bias)
+        self.bv = bias((num_kv_heads, head_dim), kv_names[1:], qkv_bias)
+        self.bo = bias((d_model,), ("embed",), out_bias)
 
     def _qkv(self, x):
         dt = x.dtype
-        return tuple(jnp.einsum("btd,dhk->bthk", x, w[...].astype(dt))
-                     for w in (self.wq, self.wk, self.wv))
+        return tuple(_plus(jnp.einsum("btd,dhk->bthk", x, w[...].astype(dt)), bias)
+                     for w, bias in ((self.wq, self.bq), (self.wk, self.bk), (self.wv, self.bv)))
 
     def _out(self, o):
-        return jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
+        return _plus(jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype)), self.bo)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, spec: SpecOverride = None,
@@ -272,6 +282,11 @@ class Attention(nnx.Module):
 
         out, cache = sharding.kv_shards(per_device, (q, k, v, positions), cache)
         return self._out(out), cache.context_split()
+
+
+def _plus(x, bias):
+    """``x + bias`` (in ``x``'s dtype), or ``x`` when ``bias`` is None."""
+    return x if bias is None else x + bias[...].astype(x.dtype)
 
 
 def _attend_cache(q, k, v, cache: KVCache, positions, spec, backend, context_axis):

@@ -8,9 +8,12 @@ For ``x [B, T, D]`` with ``d_inner = expand·D = H·P`` (``H`` heads of width ``
     Δ      = softplus(x W_Δ + Δ_bias)           [B, T, H]
     x', B', C' <- silu(causal_conv(x', B', C'))  depthwise, width W, reset at document starts
     y      = SSD(x', Δ, A = -exp(A_log), B', C') + D ⊙ x'      (lcattn.ssm)
-    out    = RMSNorm_per_head(y ⊙ silu(z)) W_out                [B, T, D]
+    out    = RMSNorm_gated(y ⊙ silu(z)) W_out                   [B, T, D]
 
-The gated RMSNorm normalizes each head's ``P`` channels (so heads shard independently). The
+The gated RMSNorm normalizes each head's ``P`` channels (``gated_norm="head"``, lcattn's
+default: heads shard independently) or each group's ``(H/G)·P`` channels
+(``gated_norm="group"``: the official Mamba-2 code and ``transformers``, group size
+``d_inner / G``). The
 decoding cache (``Mamba2Cache``) has a constant size: the last ``W - 1`` conv inputs and the
 SSM state (plus, with a sliding window ``r``, the last ``r`` insertions).
 """
@@ -26,6 +29,8 @@ from flax import nnx
 
 from lcattn import checks, sharding, ssm
 from lcattn.layers.params import fan_in, param
+
+GATED_NORMS = ("head", "group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,9 @@ class Mamba2Config:
       impl: ``"auto"`` (chunked; sequential for one token or with ``options.state_clip``),
         ``"chunked"``, ``"sequential"`` or ``"pallas"`` (``lcattn.ssm.ssd_pallas``: no
         ``window`` / ``state_clip``).
+      gated_norm: ``"head"`` (normalize each head's ``P`` channels) or ``"group"`` (each
+        group's ``(H/G)·P`` channels, as the released Mamba-2 checkpoints do).
+      norm_eps: epsilon of the gated RMSNorm.
     """
 
     head_dim: int | None = None
@@ -54,8 +62,12 @@ class Mamba2Config:
     chunk_size: int = 64
     options: ssm.SSMOptions = ssm.SSMOptions()
     impl: str = "auto"
+    gated_norm: str = "head"
+    norm_eps: float = 1e-6
 
     def __post_init__(self):
+        checks.choice("Mamba2Config", "gated_norm", self.gated_norm, GATED_NORMS)
+        checks.positive("Mamba2Config", "norm_eps", self.norm_eps)
         checks.integer("Mamba2Config", "head_dim", self.head_dim, allow_none=True)
         for name in ("state_dim", "expand", "num_groups", "conv_width", "chunk_size"):
             checks.integer("Mamba2Config", name, getattr(self, name))
@@ -199,8 +211,11 @@ class Mamba2(nnx.Module):
                                state=state, impl=cfg.impl, chunk_size=cfg.chunk_size)
         y = y.astype(jnp.float32) + self.d_skip[...][:, None] * xh.astype(jnp.float32)
         gated = y * jax.nn.silu(proj(self.w_z).astype(jnp.float32))
-        gated = gated * jax.lax.rsqrt(jnp.mean(gated * gated, axis=-1, keepdims=True) + 1e-6)
-        gated = (gated * self.norm[...]).astype(dt_)
+        if cfg.gated_norm == "group":   # [B, T, G, (H/G)·P]: one statistic per group
+            gated = gated.reshape(b, t, g, (h // g) * p)
+        gated = gated * jax.lax.rsqrt(jnp.mean(gated * gated, axis=-1, keepdims=True)
+                                      + cfg.norm_eps)
+        gated = (gated.reshape(b, t, h, p) * self.norm[...]).astype(dt_)
         out = jnp.einsum("bthp,hpd->btd", gated, self.w_out[...].astype(dt_))
         return out, Mamba2Cache(history, state)
 
