@@ -21,6 +21,8 @@ setup(
         "grain",
         "numpy",
         "matplotlib",
+        "safetensors",  # lcattn.pretrained: Hugging Face-format weights (numpy, no torch)
+        "tokenizers",   # lcattn.pretrained.load_tokenizer
     ],
     extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "ruff",
                              # tests/test_notebooks.py: jupytext pairs, a real kernel
