@@ -49,6 +49,10 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (one process per host of a "
     "TPU pod slice or a multi-node GPU job; see README 'Sharded runs').")
+PRETRAINED = flags.DEFINE_string(
+    "pretrained", None, "A Hugging Face-format model folder (config.json, *.safetensors, "
+    "tokenizer.json) to evaluate instead of a trained run (experiments.evaluate, "
+    "experiments.sweep; lcattn.pretrained).")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The mesh and the logical-axis rules, configurable as `sharding.make_mesh.*` and
 # `sharding.logical_rules.overrides` (lcattn.sharding stays free of gin).
@@ -86,6 +90,19 @@ def context_layout(owner: str, requested: str, model, mesh: Mesh,
     return layout
 
 
+def pretrained_bindings(path: str) -> list[str]:
+    """The gin bindings ``--pretrained=PATH`` stands for, placed before the command line's own
+    (which may override them): evaluate that folder, ``SEQ_LEN`` = its
+    ``max_position_embeddings`` (so window sizes in configs/attention/*.gin follow the model),
+    and ``ssm.SSMOptions.*`` bindings applied to its Mamba-2 layers."""
+    from lcattn import pretrained
+
+    out = [f"evaluate.pretrained = {path!r}", "evaluate.ssm_options = @ssm.SSMOptions()",
+           "evaluate.data = @data.DataConfig()", "evaluate.passkey = @tasks.Passkey()"]
+    max_len = pretrained.max_positions(path)
+    return out + ([f"SEQ_LEN = {int(max_len)}"] if max_len else [])
+
+
 def init_distributed() -> None:
     """``jax.distributed.initialize()`` under ``--multihost`` (before anything touches jax's
     devices); a no-op otherwise."""
@@ -109,7 +126,7 @@ def register_all() -> None:
     for cls in (normalizers.Softmax, normalizers.Softplus, normalizers.Reweighted):
         gin.register(cls, module="normalizers")
     for cls in (positions.RoPE, positions.ALiBi, positions.NoPE, positions.Linear,
-                positions.NTK, positions.YaRN):
+                positions.NTK, positions.DynamicNTK, positions.YaRN, positions.Llama3):
         gin.register(cls, module="positions")
     gin.register(attention.AttentionSpec, module="lcattn")
     for cls, module in ((memory.HMTConfig, "memory"), (layers.Mamba2Config, "layers"),

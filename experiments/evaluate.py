@@ -1,4 +1,4 @@
-r"""Evaluate a trained workdir: loss vs length, per-position NLL, passkey accuracy.
+r"""Evaluate a trained workdir or a pretrained model: loss vs length, per-position NLL, passkey.
 
 ``python -m experiments.evaluate --workdir=DIR [--gin_file=...] [--gin.NAME=VALUE]`` reads
 ``DIR/config.gin``, then the given files and bindings (so an evaluation-time change of the
@@ -15,8 +15,16 @@ sequences of each eval length (positions ``0..L-1``, one segment), so every leng
 same text from its start.
 
 Eval and passkey lengths are multiples of ``evaluate.length_unit`` (default: the training
-length). An HMT model (``configs/memory/hmt.gin``) runs every sequence through its segment
-recurrence, and its default unit is the segment length, so 16x means 16 segments.
+length), or ``evaluate.lengths``. An HMT model (``configs/memory/hmt.gin``) runs every sequence
+through its segment recurrence, and its default unit is the segment length, so 16x means 16
+segments.
+
+``--pretrained=PATH`` evaluates a Hugging Face-format folder instead (``lcattn.pretrained``;
+``--workdir`` is where results go, no training run is read): the text is tokenized with the
+folder's ``tokenizer.json``, the default unit is its ``max_position_embeddings`` (``SEQ_LEN`` is
+bound to it, so ``configs/attention/lminfinite.gin`` sizes its window from it), an
+``AttentionSpec`` override keeps the checkpoint's RoPE (``evaluate.keep_position``), and
+``ssm.SSMOptions.*`` bindings apply to its Mamba-2 layers (training-free mitigations).
 """
 from __future__ import annotations
 
@@ -51,6 +59,8 @@ from experiments.tasks import Passkey
 from experiments.train import build_model, merge_model, split_model
 from lcattn import checks, memory, sharding
 from lcattn import model as model_lib
+from lcattn import pretrained as pretrained_lib
+from lcattn.attention import AttentionSpec
 from lcattn.backends import ring_plan
 
 matplotlib.use("Agg")
@@ -128,23 +138,31 @@ def nll_by_position(model, tokens, length, batch_size, attention_override, mesh=
     return total / n
 
 
-def passkey_accuracy(model, lengths, depths, trials, attention_override, seed=0):
+def passkey_accuracy(model, lengths, depths, trials, attention_override, seed=0,
+                     tokenizer=None):
     """Fraction of greedy answers equal to the key, ``[len(lengths), len(depths)]``.
 
     The prompts of one length (every depth and trial) are decoded as one batch: a
     ``DecoderLM`` with its KV cache (``lcattn.model.generate``), an ``HMT`` through its
     segment recurrence (``lcattn.memory.generate``: the incomplete last segment is re-run for
     every answer token, so each token sees exactly the prompt and the tokens before it).
+    Byte models must produce the answer's bytes exactly; with a ``tokenizer`` (pretrained
+    models) the decoded continuation, leading spaces stripped, must start with the key.
     """
     generate = memory.generate if isinstance(model, memory.HMT) else model_lib.generate
     acc = np.zeros((len(lengths), len(depths)))
     for i, length in enumerate(lengths):
-        examples = [tasks.passkey_example(length, depth, seed=seed + 1000 * i + 100 * j + t)
+        examples = [tasks.passkey_example(length, depth, seed=seed + 1000 * i + 100 * j + t,
+                                          tokenizer=tokenizer)
                     for j, depth in enumerate(depths) for t in range(trials)]
         prompts = jnp.asarray(np.stack([ex["prompt"] for ex in examples]), jnp.int32)
         out = _host(generate(model, prompts, len(examples[0]["answer"]),
                                   attention_override=attention_override))
-        hits = [np.array_equal(row, ex["answer"]) for row, ex in zip(out, examples)]
+        if tokenizer is None:
+            hits = [np.array_equal(row, ex["answer"]) for row, ex in zip(out, examples)]
+        else:
+            hits = [tokenizer.decode(row.tolist()).lstrip().startswith(ex["key"])
+                    for row, ex in zip(out, examples)]
         acc[i] = np.asarray(hits, float).reshape(len(depths), trials).mean(axis=1)
     return acc
 
@@ -157,13 +175,13 @@ def _write_zarr(path, name, array):
     store.write(np.asarray(array, np.float32)).result()
 
 
-def _plots(workdir, stem, lengths, losses, nll, depths, passkey):
+def _plots(workdir, stem, lengths, losses, nll, depths, passkey, unit="byte"):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(lengths, losses, "o-")
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(x) for x in lengths])
     ax.minorticks_off()
-    ax.set(xlabel="eval length (tokens)", ylabel="validation loss (nats/byte)",
+    ax.set(xlabel="eval length (tokens)", ylabel=f"validation loss (nats/{unit})",
            title="loss vs length")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, f"{stem}_loss_vs_length.png"), dpi=120)
@@ -185,14 +203,44 @@ def _plots(workdir, stem, lengths, losses, nll, depths, passkey):
     plt.close("all")
 
 
+def pretrained_tokens(data: DataConfig, tokenizer, max_tokens: int) -> np.ndarray:
+    """``data``'s validation files (all its files when it has none: a single text file, a
+    small folder) as UTF-8 text, tokenized without special tokens and concatenated, up to
+    ``max_tokens`` tokens."""
+    docs = validation_documents(data) or [data.corpus().document(i)
+                                          for i in range(len(data.corpus().names))]
+    out, total = [], 0
+    for doc in docs:
+        ids = tokenizer.encode(doc.astype(np.uint8).tobytes().decode("utf-8", "replace"),
+                               add_special_tokens=False).ids
+        out.append(np.asarray(ids, np.int32))
+        total += len(ids)
+        if total >= max_tokens:
+            break
+    return np.concatenate(out)[:max_tokens]
+
+
+def _load_pretrained(path, dtype, mesh, rules, ssm_options, attention_override, keep_position):
+    """``(model, tokenizer, length unit, override)`` of a pretrained folder."""
+    model = pretrained_lib.load(path, dtype=dtype, mesh=mesh, rules=rules,
+                                ssm_options=ssm_options)
+    if isinstance(attention_override, AttentionSpec) and keep_position:
+        attention_override = pretrained_lib.KeepPosition(attention_override)
+    return model, pretrained_lib.load_tokenizer(path), pretrained_lib.max_positions(path), \
+        attention_override
+
+
 @gin.configurable
 def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
              data: DataConfig = DataConfig(), mesh: Mesh | None = None,
-             length_multipliers=(1, 2, 4, 8, 16),
+             length_multipliers=(1, 2, 4, 8, 16), lengths=None,
              max_tokens: int = 65_536, batch_size: int = 8, attention_override=None,
              passkey: Passkey | None = Passkey(), length_unit: int | None = None,
-             output_name: str = "eval", context_layout: str = "auto") -> dict:
-    """Evaluate the checkpoint of ``checkpoint_workdir`` (default ``workdir``) into ``workdir``.
+             output_name: str = "eval", context_layout: str = "auto",
+             pretrained: str | None = None, pretrained_dtype: str = "float32",
+             ssm_options=None, keep_position: bool = True) -> dict:
+    """Evaluate the checkpoint of ``checkpoint_workdir`` (default ``workdir``), or the
+    ``pretrained`` folder, into ``workdir``.
 
     Validation text comes from ``data`` (the run's corpus: ``evaluate.data`` and
     ``train.data`` are bound to the same ``@data.DataConfig()``). Eval and passkey lengths are
@@ -204,9 +252,18 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
     are placed by the logical-axis rules and ``batch_size`` sequences are sharded over the
     batch axes; with ``context > 1`` the sequence is split over ``context`` in
     ``context_layout`` ("auto": the model's choice, ``configurables.context_layout``). Only
-    process 0 writes files.
+    process 0 writes files. ``lengths``: explicit eval lengths instead of ``length_unit`` x
+    ``length_multipliers``.
+
+    Pretrained models (``pretrained``: a Hugging Face-format folder, ``lcattn.pretrained``):
+    ``pretrained_dtype`` is the parameter and compute dtype; ``ssm_options`` (an
+    ``lcattn.ssm.SSMOptions``) the Mamba-2 mitigations; the default ``length_unit`` is the
+    folder's ``max_position_embeddings``; with ``keep_position`` an ``AttentionSpec`` override
+    keeps the checkpoint's RoPE (its theta and scaling) and changes the rest.
     """
     checks.integers("evaluate", "length_multipliers", length_multipliers)
+    if lengths is not None:
+        checks.integers("evaluate", "lengths", lengths)
     checks.integer("evaluate", "length_unit", length_unit, allow_none=True)
     if passkey is not None and not isinstance(passkey, Passkey):
         raise ValueError(f"evaluate: `passkey` must be None or a Passkey (@tasks.Passkey()), "
@@ -216,16 +273,30 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
     sharding.check_batch(batch_size, None, mesh, rules, "evaluate")
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         t0 = time.perf_counter()
-        source = checkpoint_workdir or workdir
-        with open(os.path.join(source, "run.json")) as f:
-            train_seq_len = json.load(f)["seq_len"]
-        model, step = restore_model(source, mesh, rules)
-        if length_unit is None:
-            length_unit = (model.config.segment_len if isinstance(model, memory.HMT)
-                           else train_seq_len)
-        lengths = [length_unit * m for m in length_multipliers]
-        docs = validation_documents(data)
-        tokens = np.concatenate(docs)[:max(max_tokens, max(lengths) + 1)]
+        tokenizer, step = None, None
+        if pretrained is not None:
+            model, tokenizer, unit, attention_override = _load_pretrained(
+                pretrained, pretrained_dtype, mesh, rules, ssm_options, attention_override,
+                keep_position)
+            if length_unit is None and unit is None and lengths is None:
+                raise ValueError(f"evaluate: {pretrained!r} has no max_position_embeddings; "
+                                 "give evaluate.length_unit or evaluate.lengths")
+            length_unit = length_unit or unit
+        else:
+            source = checkpoint_workdir or workdir
+            with open(os.path.join(source, "run.json")) as f:
+                train_seq_len = json.load(f)["seq_len"]
+            model, step = restore_model(source, mesh, rules)
+            if length_unit is None:
+                length_unit = (model.config.segment_len if isinstance(model, memory.HMT)
+                               else train_seq_len)
+        lengths = list(lengths or [length_unit * m for m in length_multipliers])
+        length_unit = length_unit or min(lengths)
+        needed = max(max_tokens, max(lengths) + 1)
+        if tokenizer is None:
+            tokens = np.concatenate(validation_documents(data))[:needed]
+        else:
+            tokens = pretrained_tokens(data, tokenizer, needed)
         nll = np.full((len(lengths), max(lengths)), np.nan)
         losses = []
         layout = configurables.context_layout("evaluate", context_layout, model, mesh,
@@ -240,8 +311,10 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
         accuracy, pk_lengths = None, [length_unit * m for m in (grid.multipliers if grid else ())]
         if grid:
             accuracy = passkey_accuracy(model, pk_lengths, list(grid.depths), grid.trials,
-                                        attention_override)
-    result = {"checkpoint": os.path.abspath(checkpoint_workdir or workdir), "step": int(step),
+                                        attention_override, tokenizer=tokenizer)
+    result = {"checkpoint": os.path.abspath(pretrained or checkpoint_workdir or workdir),
+              "step": None if step is None else int(step),
+              "pretrained": pretrained, "unit": "byte" if tokenizer is None else "token",
               "attention_override": repr(attention_override), "lengths": lengths,
               "length_unit": length_unit,
               "loss": {str(length): loss for length, loss in zip(lengths, losses)},
@@ -257,7 +330,7 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
         if accuracy is not None:
             _write_zarr(zarr, "passkey_accuracy", accuracy)
         _plots(workdir, output_name, lengths, losses, nll, list(grid.depths) if grid else [],
-               accuracy)
+               accuracy, result["unit"])
         with open(os.path.join(workdir, f"{output_name}.json"), "w") as f:
             json.dump(result, f, indent=1)
     return result
@@ -268,9 +341,16 @@ def main(argv, bindings):
     if not configurables.WORKDIR.value:
         raise app.UsageError("--workdir is required")
     configurables.init_distributed()
+    if configurables.PRETRAINED.value:
+        configurables.parse(configurables.GIN_FILES.value,
+                            configurables.pretrained_bindings(configurables.PRETRAINED.value)
+                            + list(bindings))
+        print(json.dumps(evaluate(configurables.WORKDIR.value), indent=1))
+        return
     config = os.path.join(configurables.WORKDIR.value, "config.gin")
     if not os.path.isfile(config):
-        raise FileNotFoundError(f"--workdir: {config} not found; train first")
+        raise FileNotFoundError(f"--workdir: {config} not found; train first (or evaluate a "
+                                "pretrained model with --pretrained=PATH)")
     configurables.parse(configurables.GIN_FILES.value, bindings, run_config=config)
     print(json.dumps(evaluate(configurables.WORKDIR.value), indent=1))
 

@@ -8,9 +8,12 @@ r"""The main job: train and evaluate a set of gin variants, then tabulate length
 ``configs/mesh/dp8.gin``) + its bindings + the command line's ``--gin.`` bindings;
 ``DIR/V`` is trained with ``experiments.train.train`` (or, with ``checkpoint_from``, the named
 variant's checkpoint is reused — LM-Infinite needs no training) and evaluated with
-``experiments.evaluate.evaluate``. Finished variants (``DIR/V/eval.json`` present) are skipped,
-and interrupted training resumes. Outputs in ``DIR``: ``results.json`` (variant -> eval length
--> loss), ``results.md``, ``length_generalization.png`` and ``per_position.png``.
+``experiments.evaluate.evaluate``. With ``--pretrained=PATH`` (a Hugging Face-format folder)
+nothing is trained: every variant evaluates that model under its own attention override or
+SSM options (``configs/sweeps/pretrained.gin``). Finished variants (``DIR/V/eval.json``
+present) are skipped, and interrupted training resumes. Outputs in ``DIR``: ``results.json``
+(variant -> eval length -> loss), ``results.md``, ``length_generalization.png`` and
+``per_position.png``.
 """
 from __future__ import annotations
 
@@ -60,15 +63,28 @@ def run_variant(name: str, variant: dict, variants: dict, base_gin, workdir: str
     if source is not None and source not in variants:
         raise ValueError(f"sweep.variants[{name!r}].checkpoint_from: {source!r} is not a "
                          f"variant; variants: {sorted(variants)}")
-    if source is None:
-        _variant_config(base_gin, variant, extra_files, extra_bindings)
-        train(vdir)
     _variant_config(base_gin, variant, extra_files, extra_bindings)
+    pretrained = gin.query_parameter("evaluate.pretrained") if _bound("evaluate.pretrained") \
+        else None
+    if pretrained is not None and source is not None:
+        raise ValueError(f"sweep.variants[{name!r}].checkpoint_from: a pretrained sweep "
+                         "evaluates one model (--pretrained); remove checkpoint_from")
+    if source is None and pretrained is None:
+        train(vdir)
+        _variant_config(base_gin, variant, extra_files, extra_bindings)
     os.makedirs(vdir, exist_ok=True)
     with open(os.path.join(vdir, "variant.gin"), "w") as f:
         f.write(gin.config_str())
     return evaluate(vdir, checkpoint_workdir=None if source is None
                     else os.path.join(workdir, source))
+
+
+def _bound(name: str) -> bool:
+    try:
+        gin.query_parameter(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_nll(vdir):
@@ -80,6 +96,7 @@ def _read_nll(vdir):
 def write_results(workdir: str, results: dict):
     """``results.json``, ``results.md`` and the two PNG figures from per-variant eval results."""
     table = {v: r["loss"] for v, r in results.items()}
+    unit = next(iter(results.values())).get("unit", "byte")
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(table, f, indent=1)
     lengths = sorted({int(length) for r in table.values() for length in r})
@@ -89,7 +106,7 @@ def write_results(workdir: str, results: dict):
         cells = [f"{row[str(length)]:.3f}" if str(length) in row else "—" for length in lengths]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write("Validation loss (nats/byte) by eval length.\n\n" + "\n".join(lines) + "\n")
+        f.write(f"Validation loss (nats/{unit}) by eval length.\n\n" + "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for v, row in table.items():
         xs = sorted(int(length) for length in row)
@@ -97,7 +114,7 @@ def write_results(workdir: str, results: dict):
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(x) for x in lengths])
     ax.minorticks_off()
-    ax.set(xlabel="eval length (tokens)", ylabel="validation loss (nats/byte)",
+    ax.set(xlabel="eval length (tokens)", ylabel=f"validation loss (nats/{unit})",
            title="length generalization")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -158,6 +175,9 @@ def main(argv, bindings):
     del argv
     configurables.init_distributed()
     files = list(configurables.GIN_FILES.value)
+    if configurables.PRETRAINED.value:
+        bindings = configurables.pretrained_bindings(configurables.PRETRAINED.value) + \
+            list(bindings)
     configurables.parse(files, bindings)
     try:
         gin.query_parameter("sweep.variants")

@@ -65,35 +65,62 @@ def _needle(key: str) -> str:
     return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
-def passkey_min_length(digits: int = 5) -> int:
-    """Shortest prompt (no filler) for a ``digits``-digit key."""
-    return len(PREFIX) + len(_needle("0" * digits)) + len(QUERY) + 4
+def _encoder(tokenizer):
+    """``text -> int32 tokens``: bytes (``tokenizer=None``) or a ``tokenizers.Tokenizer``
+    without special tokens."""
+    if tokenizer is None:
+        return encode
+    return lambda text: np.asarray(tokenizer.encode(text, add_special_tokens=False).ids,
+                                   np.int32)
+
+
+def passkey_min_length(digits: int = 5, tokenizer=None) -> int:
+    """Shortest prompt (no filler) for a ``digits``-digit key (in bytes, or in ``tokenizer``'s
+    tokens, each part encoded on its own)."""
+    enc = _encoder(tokenizer)
+    return (len(enc(PREFIX)) + len(enc(_needle("0" * digits))) + len(enc(QUERY))
+            + 4 * len(enc("\n")))
+
+
+def _filler(n: int, enc) -> np.ndarray:
+    """The first ``n`` tokens of ``FILLER_UNIT + " "`` repeated."""
+    units = max(n // max(len(enc(FILLER_UNIT + " ")), 1) + 2, 2)
+    while True:
+        tokens = enc((FILLER_UNIT + " ") * units)
+        if len(tokens) >= n:
+            return tokens[:n]
+        units *= 2
 
 
 def passkey_example(target_length: int, depth: float, *, digits: int = 5,
-                    seed: int = 0) -> dict:
-    """One passkey prompt of exactly ``target_length`` byte tokens (rules in the module doc).
+                    seed: int = 0, tokenizer=None) -> dict:
+    """One passkey prompt of exactly ``target_length`` tokens (rules in the module doc).
 
-    Returns dict(prompt=int32 [target_length], answer=int32 tokens of ``" K"`` (leading space
-    included), key=str of ``digits`` digits (first digit non-zero), needle_start=int index of
-    the needle's first token in ``prompt``).
+    Tokens are bytes, or, with a ``tokenizers.Tokenizer``, its tokens: each part (prefix,
+    newline, needle, query) is encoded on its own and the filler is cut to ``n`` tokens, so
+    the length and depth rules hold in tokens. Returns dict(prompt=int32 [target_length],
+    answer=int32 tokens of ``" K"`` (leading space included), key=str of ``digits`` digits
+    (first digit non-zero), needle_start=int index of the needle's first token in ``prompt``).
     """
     if not isinstance(digits, int) or digits < 1:
         raise ValueError(f"digits must be an int >= 1, got {digits!r}")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth!r}")
-    minimum = passkey_min_length(digits)
+    enc = _encoder(tokenizer)
+    rng = np.random.default_rng(seed)
+    key = str(rng.integers(10 ** (digits - 1), 10 ** digits))
+    prefix, newline, needle, query = (enc(x) for x in (PREFIX, "\n", _needle(key), QUERY))
+    minimum = passkey_min_length(digits, tokenizer)
     if target_length < minimum:
         raise ValueError(f"target_length={target_length} is too short: a {digits}-digit passkey "
                          f"prompt needs at least {minimum} tokens")
-    rng = np.random.default_rng(seed)
-    key = str(rng.integers(10 ** (digits - 1), 10 ** digits))
-    n = target_length - minimum
-    filler = (FILLER_UNIT + " ") * (n // (len(FILLER_UNIT) + 1) + 1)
+    n = target_length - (len(prefix) + len(needle) + len(query) + 4 * len(newline))
+    filler = _filler(n, enc)
     a = int(round(depth * n))
-    prompt = "\n".join([PREFIX, filler[:a], _needle(key), filler[a:n], QUERY])
-    return dict(prompt=encode(prompt), answer=encode(" " + key), key=key,
-                needle_start=len(PREFIX) + 1 + a + 1)
+    prompt = np.concatenate([prefix, newline, filler[:a], newline, needle, newline, filler[a:n],
+                             newline, query]).astype(np.int32)
+    return dict(prompt=prompt, answer=enc(" " + key), key=key,
+                needle_start=len(prefix) + len(newline) + a + len(newline))
 
 
 def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int,
