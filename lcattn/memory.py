@@ -30,8 +30,10 @@ Memory embeddings live in ``d_model`` space and are taken after the backbone's f
 (the vector its head reads), so they enter the next segments at the scale of token embeddings.
 Every backbone call uses positions ``0 .. len-1`` of the sequence it sees.
 
-The cache starts with one learned initial memory ``M_0 [D]``, so ``P_1 = M_0`` (a softmax over
-one entry), and the first segment skips the extraction. Ablations: ``recall=False`` uses the
+The cache starts empty and holds only memory embeddings that segments produced, as in the
+official code (HMT-pytorch): the learned initial memory ``M_0 [D]`` stands in for ``P_1``
+(the first segment skips the extraction) but is never a recall candidate, so segment 2
+recalls exactly ``m_1``. Ablations: ``recall=False`` uses the
 newest memory embedding as ``P_n`` (RMT-style, no extraction); ``num_memories=0`` (which needs
 ``recall=False``) drops the memory tokens, so the backbone sees ``[K_n ‖ H_n]``, and with
 ``sensory_len=0`` as well it runs on each segment separately.
@@ -40,8 +42,14 @@ Training: ``bptt_segments = K`` truncates backpropagation through time: the carr
 (cache and sensory embeddings) is cut with ``stop_gradient`` in front of segment ``n`` when
 ``(S - n) % K == 0`` (``S`` segments in the call), i.e. the sequence is split into blocks of
 ``K`` segments counted back from the last, so the last segment's loss reaches the ``K - 1``
-segments before it (``None``: all of them). ``loss_mask`` keeps every segment's positions
-(``loss_segments="all"``) or only the last segment's (``"last"``, the paper's choice).
+segments before it (``None``: all of them). ``loss_mask`` keeps every position
+(``loss_segments="all"``) or, with ``"last"`` (the paper's choice), the predictions *of the
+last segment's tokens*, aligned as the official code scores them (``logits[-(B+1):-1]``
+against ``labels[-B:]``): the previous segment's last position predicts the segment's first
+token and the row's final position, whose target lies past the row, predicts nothing.
+
+Official configurations: their ``segment_length`` is the whole backbone window
+``[P ‖ K ‖ H ‖ P]``, i.e. ``segment_len + sensory_len + 2`` here (``HMTConfig``).
 
 Causality: as in the paper, ``P_n`` depends on ``H_n[0:j]``, so the logits of a segment's first
 ``j - 1`` positions are computed with a summary that includes later tokens (through the ``N``
@@ -72,7 +80,9 @@ class HMTConfig:
     """HMT's sizes and training options (validated on construction; see the module doc).
 
     Attributes:
-      segment_len: ``L``, tokens per segment (>= 1).
+      segment_len: ``L``, tokens per segment (>= 1). The official code's ``segment_length``
+        is the backbone window ``L + k + 2`` (memory tokens and sensory memory included), so
+        ``segment_len = segment_length - sensory_len - 2``.
       sensory_len: ``k``, sensory-memory tokens carried from the previous segment, ``[0, L)``.
       num_memories: ``N``, memory embeddings in the FIFO cache (>= 0; 0: no memory tokens).
       summary_len: ``j``, segment tokens the summary prompt reads, ``[0, L]``; None: ``L // 2``.
@@ -80,7 +90,8 @@ class HMTConfig:
         newest memory embedding (or nothing when ``N = 0``).
       memory_dim: ``d_h``, width of the recall projections; None: ``d_model``.
       bptt_segments: segments one backward pass spans (>= 1); None: every segment of a row.
-      loss_segments: ``"all"`` or ``"last"``: the segments ``loss_mask`` keeps.
+      loss_segments: ``"all"`` (every position) or ``"last"`` (the predictions of the last
+        segment's tokens, the official alignment; module doc).
     """
 
     segment_len: int
@@ -125,10 +136,10 @@ class MemoryState:
 
     Attributes:
       memories: ``[B, N, D]`` the FIFO cache, oldest first (slot ``N - 1`` is the newest).
-      valid: ``bool [B, N]``, True for filled slots.
+      valid: ``bool [B, N]``, True for filled slots (none before the first produced memory).
       sensory: ``[B, k', D]`` embeddings of the last ``k' <= k`` tokens seen (``k' = 0`` at
         the start).
-      started: False until a segment has been processed (the first segment skips recall).
+      started: False until a segment has been processed (the first segment uses ``M_0``).
     """
 
     memories: jax.Array
@@ -163,14 +174,10 @@ class HMT(nnx.Module):
 
     # -- state and the memory math ---------------------------------------------------------
     def init_state(self, batch_size: int) -> MemoryState:
-        """The state before the first segment: the cache holds only ``M_0`` (in slot N-1)."""
+        """The state before the first segment: an empty cache (``M_0`` is not in it)."""
         d, n, dtype = self.backbone.d_model, self.config.num_memories, self.backbone.dtype
-        memories = jnp.zeros((batch_size, n, d), dtype)
-        valid = jnp.zeros((batch_size, n), bool)
-        if n:
-            memories = memories.at[:, -1].set(self.initial_memory[...].astype(dtype))
-            valid = valid.at[:, -1].set(True)
-        return MemoryState(memories, valid, jnp.zeros((batch_size, 0, d), dtype), started=False)
+        return MemoryState(jnp.zeros((batch_size, n, d), dtype), jnp.zeros((batch_size, n), bool),
+                           jnp.zeros((batch_size, 0, d), dtype), started=False)
 
     def summarize(self, x: jax.Array, **kw) -> jax.Array:
         """``S_n [B, D]`` from the segment's embeddings ``x [B, l, D]`` (its first ``j``)."""
@@ -186,6 +193,9 @@ class HMT(nnx.Module):
         mem = state.memories.astype(jnp.float32)
         q = summary.astype(jnp.float32) @ self.w_q[...]
         k = jnp.einsum("bnd,dh->bnh", mem, self.w_k[...])
+        # sqrt(d_h), as the paper and the official code at its paper-era commit. Its head commit
+        # divides by d_h once the widths reach 4096, but its generation path keeps sqrt(d_h), so
+        # training and generation disagree there; not copied.
         scores = jnp.einsum("bh,bnh->bn", q, k) / math.sqrt(q.shape[-1])
         weights = jax.nn.softmax(jnp.where(state.valid, scores, -jnp.inf), axis=-1)
         return jnp.einsum("bn,bnd->bd", weights, mem).astype(state.memories.dtype)
@@ -195,7 +205,9 @@ class HMT(nnx.Module):
         cfg, b, l = self.config, x.shape[0], x.shape[1]
         parts = [state.sensory, x]
         if cfg.num_memories:
-            if cfg.recall and state.started:
+            if not state.started:   # P_1 = M_0, which never enters the cache
+                p = jnp.broadcast_to(self.initial_memory[...], (b, x.shape[-1]))
+            elif cfg.recall:
                 p = self.recall(self.summarize(x, **kw), state)
             else:
                 p = state.memories[:, -1]
@@ -270,12 +282,15 @@ class HMT(nnx.Module):
         return self.process(tokens, attention_override=attention_override, backend=backend)[0]
 
     def loss_mask(self, loss_mask: jax.Array) -> jax.Array:
-        """The training mask ``[B, T]`` restricted to the segments ``loss_segments`` names."""
+        """The training mask ``[B, T]`` (position ``i`` predicts token ``i + 1``) restricted as
+        ``loss_segments`` says: ``"last"`` keeps positions ``[s - 1, T - 1)`` with ``s`` the
+        last segment's start, i.e. the predictions of its tokens (module doc)."""
         if self.config.loss_segments == "all":
             return loss_mask
         t = loss_mask.shape[1]
         last = (t - 1) // self.config.segment_len * self.config.segment_len
-        return loss_mask * (jnp.arange(t) >= last).astype(loss_mask.dtype)
+        pos = jnp.arange(t)
+        return loss_mask * ((pos >= max(last - 1, 0)) & (pos < t - 1)).astype(loss_mask.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "override", "backend"))

@@ -52,24 +52,24 @@ def test_shapes_params_and_ragged_last_segment():
     assert short.shape == (2, 5, V)
 
 
-def test_fifo_cache_evicts_the_oldest_and_chaining_equals_one_call():
+def test_fifo_cache_holds_only_produced_memories_and_chaining_equals_one_call():
+    """The cache starts empty (M_0 is P_1, never a recall candidate: the official code), fills
+    with m_1, m_2, ... and evicts the oldest; chained calls equal one call."""
     model = make(num_memories=3)
     x = tokens(2, 5 * L, seed=1)
     state = model.init_state(2)
-    np.testing.assert_array_equal(state.valid, [[False, False, True]] * 2)
-    np.testing.assert_array_equal(state.memories[:, -1],
-                                  np.broadcast_to(model.initial_memory[...], (2, D)))
-    history, chained = [np.asarray(state.memories[:, -1])], []   # M_0, m_1, m_2, ...
+    np.testing.assert_array_equal(state.valid, [[False] * 3] * 2)
+    history, chained = [], []   # m_1, m_2, ...
     for n in range(5):
         logits, new = run(model, x[:, n * L:(n + 1) * L], state)
         history.append(np.asarray(new.memories[:, -1]))
-        filled = min(n + 2, 3)   # the cache holds the last 3 of M_0, m_1, ..., m_{n+1}
+        filled = min(n + 1, 3)   # the cache holds the last 3 of m_1, ..., m_{n+1}
         np.testing.assert_allclose(np.asarray(new.memories)[:, 3 - filled:],
                                    np.stack(history[-filled:], axis=1), atol=1e-6)
         np.testing.assert_array_equal(new.valid, [[False] * (3 - filled) + [True] * filled] * 2)
         chained.append(np.asarray(logits))
         state = new
-    assert not np.allclose(history[1], history[2], atol=1e-3)   # distinct embeddings
+    assert not np.allclose(history[0], history[1], atol=1e-3)   # distinct embeddings
     logits, final = run(model, x)
     np.testing.assert_allclose(logits, np.concatenate(chained, axis=1), atol=2e-5)
     np.testing.assert_allclose(final.memories, state.memories, atol=2e-5)
@@ -105,9 +105,10 @@ def test_segments_follow_the_paper_equations():
     t = model.summary_prompt[...][None, None]
     s2 = np.asarray(bb.final_norm(bb.forward_embeddings(
         jnp.concatenate([t, emb[:, L:L + 3], t], axis=1))[:, -1]))[0]
-    cache = np.stack([np.asarray(m0)[0, 0], m1]).astype(np.float64)
+    cache = m1[None].astype(np.float64)           # only m_1: M_0 is no recall candidate
     wq, wk = np.asarray(model.w_q[...], np.float64), np.asarray(model.w_k[...], np.float64)
     p2 = _softmax((s2 @ wq) @ (cache @ wk).T / np.sqrt(D)) @ cache
+    np.testing.assert_allclose(p2, m1, atol=1e-6)   # = m_1 exactly, whatever S_2 is
     p2 = jnp.asarray(p2, jnp.float32)[None, None]
     h2 = bb.forward_embeddings(jnp.concatenate([p2, emb[:, L - 2:L], emb[:, L:], p2], axis=1))
     np.testing.assert_allclose(logits[:, L:], bb.logits(h2[:, 3:L + 3]), atol=2e-5)
@@ -136,9 +137,11 @@ def test_what_each_memory_level_reaches():
     assert not changed(sensory, L - 4)[L:].any()   # older than the sensory memory
     memory = make(sensory_len=3, num_memories=3)
     assert changed(memory, 0)[2 * L:].all()        # two segments later, through memory
-    # The paper's summary reads H_n[0:j]: the first j - 1 logits see later tokens (documented);
-    # summary_len = 0 makes the recurrence strictly causal.
-    assert changed(memory, L + 3)[L:L + 3].any()
+    # The paper's summary reads H_n[0:j]: from segment 3 on (two or more recall candidates) the
+    # first j - 1 logits see later tokens (documented); in segment 2 the one candidate m_1
+    # takes all the weight. summary_len = 0 makes the recurrence strictly causal.
+    assert not changed(memory, L + 3)[L:L + 3].any()
+    assert changed(memory, 2 * L + 3)[2 * L:2 * L + 3].any()
     for pos in (L + 3, 2 * L + 1):
         assert not changed(make(sensory_len=3, num_memories=3, summary_len=0), pos)[:pos].any()
 
@@ -157,13 +160,13 @@ def _grads(model, x, wrt):
 
 
 def test_bptt_reaches_the_first_segment():
-    x = tokens(2, 3 * L + 1, seed=6)   # three segments; loss on the last only
-    # N = 1: M_0 is P_1 and is evicted after segment 1, so only BPTT from segment 3 reaches it.
+    x = tokens(2, 4 * L + 1, seed=6)   # four segments; loss on the last only
+    # N = 1: M_0 is only P_1 (never cached), so only BPTT from segment 3 reaches it.
     one = dict(sensory_len=0, num_memories=1, loss_segments="last")
     assert np.abs(_grads(make(**one), x, "initial_memory")).max() > 1e-6   # bptt: all 3
     np.testing.assert_array_equal(_grads(make(**one, bptt_segments=2), x, "initial_memory"), 0)
-    # The summary prompt: segment 2 (the first that recalls; segment 1 has only M_0) adds to
-    # its gradient through BPTT from segment 3.
+    # The summary prompt: segment 3 (the first whose recall has two candidates: m_1, m_2)
+    # adds to its gradient through BPTT from segment 4.
     full = dict(sensory_len=2, num_memories=3, loss_segments="last")
     g1, g2 = (_grads(make(**full, bptt_segments=k), x, "summary_prompt") for k in (1, 2))
     assert np.abs(g1).max() > 1e-6 and np.abs(g2 - g1).max() > 1e-6
@@ -172,8 +175,12 @@ def test_bptt_reaches_the_first_segment():
 def test_loss_mask_selects_segments():
     mask = jnp.ones((2, 3 * L + 2))
     np.testing.assert_array_equal(make(loss_segments="all").loss_mask(mask), mask)
+    # positions 3L-1 .. 3L predict the last segment's tokens 3L, 3L+1 (the official
+    # logits[-(B+1):-1] vs labels[-B:]); the final position's target lies past the row
     last = np.asarray(make(loss_segments="last").loss_mask(mask))
-    assert (last[:, :3 * L] == 0).all() and (last[:, 3 * L:] == 1).all()
+    want = np.zeros(3 * L + 2)
+    want[3 * L - 1:3 * L + 1] = 1
+    np.testing.assert_array_equal(last, np.broadcast_to(want, last.shape))
 
 
 def test_generate_is_greedy_on_the_known_prefix():
