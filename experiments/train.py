@@ -43,7 +43,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import app
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments import checkpoints, configurables
@@ -194,6 +194,37 @@ class Shardings:
                    sharding.batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec()))
 
 
+def init_params_from(source: str, params: dict, shardings: dict) -> dict:
+    """``params`` (a pure dict) with every parameter that the newest checkpoint of the run in
+    ``source`` also holds, at the same path, replaced by its value (placed by ``shardings``);
+    the others keep theirs. A parameter of another shape is a ``ValueError`` naming it."""
+    with checkpoints.manager(source) as manager:
+        step, restored, _ = checkpoints.restore_newest(manager, ocp.args.Composite(
+            params=ocp.args.StandardRestore()))
+    if step is None:
+        raise FileNotFoundError(f"train.init_from: no checkpoint under "
+                                f"{checkpoints.directory(source)}")
+    theirs = {tuple(map(str, k)): v for k, v in
+              traverse_util.flatten_dict(restored.params).items()}
+    ours = traverse_util.flatten_dict(params)
+    flat_shardings = traverse_util.flatten_dict(shardings)
+    out, taken = {}, 0
+    for path, value in ours.items():
+        other = theirs.get(tuple(map(str, path)))
+        if other is None:
+            out[path] = value
+            continue
+        if tuple(other.shape) != tuple(value.shape):
+            raise ValueError(f"train.init_from: parameter {'.'.join(map(str, path))} has shape "
+                             f"{tuple(other.shape)} in {source} (step {step}) but "
+                             f"{tuple(value.shape)} in this model")
+        out[path] = jax.device_put(np.asarray(other, value.dtype), flat_shardings[path])
+        taken += 1
+    log.info("init_from %s (step %d): %d of %d parameters restored, %d new, %d of theirs "
+             "unused", source, step, taken, len(ours), len(ours) - taken, len(theirs) - taken)
+    return traverse_util.unflatten_dict(out)
+
+
 def make_train_step(graphdef, param_state, rest, tx, shard: Shardings,
                     context_layout: str = "contiguous"):
     """``step(params, opt_state, batch) -> (params, opt_state, loss, grad norm, param norm)``:
@@ -232,7 +263,8 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
           learning_rate: float = 3e-3, warmup_steps: int = 30, end_lr_fraction: float = 0.1,
           weight_decay: float = 0.1, grad_clip: float = 1.0, checkpoint_every: int = 100,
           keep_checkpoints: int = 2, log_every: int = 10, seed: int = 0,
-          stop_at_step: int | None = None, context_layout: str = "auto") -> dict:
+          stop_at_step: int | None = None, context_layout: str = "auto",
+          init_from: str | None = None) -> dict:
     """Train ``build_model()`` on ``data``'s training split; returns the last metrics.
 
     ``data``: the corpus and pipeline (``experiments.data.DataConfig``; gin:
@@ -245,7 +277,11 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
     device holds (``configurables.context_layout``; "auto": zigzag for Causal / Full masks):
     each batch is reordered once on the host (``ring_plan.layout_order``: tokens, positions,
     segment ids, targets, loss mask alike, so the loss is unchanged). ``stop_at_step``
-    simulates a preemption: stop after that step without a final checkpoint.
+    simulates a preemption: stop after that step without a final checkpoint. ``init_from``:
+    another run's workdir; a fresh run starts from its newest checkpoint's parameters where
+    both models have them (``init_params_from``; new ones keep their initialization, the
+    optimizer starts fresh): HMT's second stage, or fine-tuning any checkpoint. A run that
+    has its own checkpoint resumes from it instead.
     """
     for name, value in (("num_steps", num_steps), ("batch_size", batch_size),
                         ("seq_len", seq_len), ("checkpoint_every", checkpoint_every),
@@ -298,6 +334,8 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
             rng=ocp.args.StandardRestore({"key": checkpoints.abstract(rng)}),
             data=ocp.args.JsonRestore()))
         checkpoints.set_aside(manager, workdir, damaged)
+        if step is None and init_from is not None:
+            params = init_params_from(init_from, params, shard.params)
         if step is not None:
             start, params, opt_state = step, restored.params, restored.opt_state
             rng = restored.rng["key"]

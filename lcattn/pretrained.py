@@ -126,6 +126,8 @@ def load(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, rules=N
                 target = places
                 for key in param_path:
                     target = None if target is None else target[key]
+                if target is not None and jax.process_count() > 1:
+                    part = np.asarray(part)   # every process holds it: device_put shards it
                 values[param_path] = part if target is None else jax.device_put(part, target)
             del raw, parts
     pure: dict = {}
