@@ -28,7 +28,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -130,13 +130,7 @@ def load(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, rules=N
                     part = np.asarray(part)   # every process holds it: device_put shards it
                 values[param_path] = part if target is None else jax.device_put(part, target)
             del raw, parts
-    pure: dict = {}
-    for param_path, value in values.items():
-        node = pure
-        for key in param_path[:-1]:
-            node = node.setdefault(key, {})
-        node[param_path[-1]] = value
-    nnx.replace_by_pure_dict(state, pure)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
     return nnx.merge(graphdef, state)
 
 
