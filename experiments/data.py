@@ -15,7 +15,9 @@ Corpus (``source``)
     bytes) and no file cap; a path has no cap. ``corpus_manifest`` records the subset (file
     count, bytes, sha256 of the files concatenated in sorted order, Python version).
 
-Tokens: one document per file, token = byte value (``VOCAB_SIZE = 256``, no special tokens).
+Tokens: one document per file, token = byte value (``VOCAB_SIZE = 256``, no special tokens);
+with ``tokenizer`` (a Hugging Face-format model folder, e.g. a pretrained backbone's) each file
+is tokenized by its ``tokenizer.json`` instead and "byte" below reads "token".
 
 Split by file: the file at sorted index ``i`` (within the capped subset) is validation iff
 ``i % val_every == 0`` (default every 20th, starting with the first), otherwise train. Because
@@ -42,7 +44,9 @@ across a document boundary and the last byte of a document only appears as a tar
        validation: sorted order; concatenated into one stream of ``S`` bytes (no separator);
     2. chunk into ``R = (S - 1) // L`` rows; row ``k`` is stream bytes ``[k*L, k*L + L + 1)``
        (consecutive rows overlap by one byte, so every pair is used once; the tail is dropped);
-       ``inputs = row[:-1]``, ``targets = row[1:]``;
+       ``inputs = row[:-1]``, ``targets = row[1:]``. With ``chunk_stride = s`` rows start every
+       ``s`` bytes instead (``R = (S - 1 - L) // s + 1``, row ``k`` = ``[k*s, k*s + L + 1)``):
+       overlapping windows, as HMT's official training samples them (``s`` = one segment);
     3. train: rows shuffled with ``seed``, reshuffled every epoch; repeat; batch.
     Rows: ``segment_ids`` all 1, ``positions = arange(L)``, ``loss_mask`` all 1 (targets may
     cross document boundaries in this mode).
@@ -106,7 +110,7 @@ class Corpus:
     source: str
     root: str
     names: tuple[str, ...]
-    tokens: np.ndarray   # uint8 [total_bytes]
+    tokens: np.ndarray   # uint8 [total_bytes], or int32 token ids (``tokenizer``)
     offsets: np.ndarray  # int64 [num_files + 1]
 
     def document(self, i: int) -> np.ndarray:
@@ -163,14 +167,36 @@ def _load_corpus(source, max_files, max_bytes, glob) -> Corpus:
     return Corpus(source, str(root), tuple(names[:len(chunks)]), tokens, offsets)
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenize(corpus: Corpus, tokenizer: str) -> Corpus:
+    from lcattn import pretrained  # tokenizers is only needed here
+
+    tok = pretrained.load_tokenizer(tokenizer)
+    docs = [np.asarray(tok.encode(corpus.document(i).tobytes().decode("utf-8", "replace"),
+                                  add_special_tokens=False).ids, np.int32)
+            for i in range(len(corpus.names))]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    tokens = np.concatenate(docs)
+    tokens.flags.writeable = False
+    return dataclasses.replace(corpus, tokens=tokens, offsets=offsets)
+
+
 def load_corpus(source: str = "stdlib", *, max_files: int | None = None,
-                max_bytes: int | None = None, glob: str | None = None) -> Corpus:
-    """The capped, sorted file subset of ``source``, read once per process and argument tuple."""
+                max_bytes: int | None = None, glob: str | None = None,
+                tokenizer: str | None = None) -> Corpus:
+    """The capped, sorted file subset of ``source``, read once per process and argument tuple.
+
+    ``tokenizer``: a Hugging Face-format model folder (its ``tokenizer.json``); every file
+    is decoded as UTF-8 and tokenized without special tokens (``tokens`` int32); None: bytes.
+    """
     checks.integer("load_corpus", "max_files", max_files, allow_none=True)
     checks.integer("load_corpus", "max_bytes", max_bytes, allow_none=True)
     if source != "stdlib":
         source = str(pathlib.Path(source).expanduser().resolve())
-    return _load_corpus(source, max_files, _cap_bytes(source, max_bytes), glob)
+    corpus = _load_corpus(source, max_files, _cap_bytes(source, max_bytes), glob)
+    if tokenizer is None:
+        return corpus
+    return _tokenize(corpus, str(pathlib.Path(tokenizer).expanduser().resolve()))
 
 
 def _split_docs(corpus: Corpus, split: str, val_every: int, source: str):
@@ -218,9 +244,10 @@ def _pack_rows(corpus, starts, lengths, *, seq_len, batch_size, seed, shuffle, n
     return ds.map(_packed_row)
 
 
-def _chunk_rows(corpus, starts, lengths, *, seq_len, seed, shuffle, num_epochs, source, split):
+def _chunk_rows(corpus, starts, lengths, *, seq_len, seed, shuffle, num_epochs, source, split,
+                stride):
     total = int(lengths.sum())
-    num_rows = (total - 1) // seq_len
+    num_rows = (total - 1 - seq_len) // stride + 1 if total > seq_len else 0
     if num_rows < 1:
         raise ValueError(f"split {split!r} of source {source!r} has {total} bytes, fewer than "
                          f"seq_len + 1 = {seq_len + 1} needed for one chunk")
@@ -232,7 +259,7 @@ def _chunk_rows(corpus, starts, lengths, *, seq_len, seed, shuffle, num_epochs, 
         order = (np.random.default_rng([seed, index // num_rows]).permutation(len(starts))
                  if shuffle else np.arange(len(starts)))
         ends = np.cumsum(lengths[order])
-        begin, end = k * seq_len, k * seq_len + seq_len + 1
+        begin, end = k * stride, k * stride + seq_len + 1
         d = int(np.searchsorted(ends, begin, side="right"))
         parts = []
         while end > begin:
@@ -267,7 +294,8 @@ def _finalize(batch_size):
 def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
                  source: str = "stdlib", packing: str = "pack", max_files: int | None = None,
                  max_bytes: int | None = None, glob: str | None = None, val_every: int = 20,
-                 num_epochs: int | None = None, process_index: int = 0,
+                 num_epochs: int | None = None, chunk_stride: int | None = None,
+                 tokenizer: str | None = None, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
     """The grain ``IterDataset`` of batches described in the module docstring.
 
@@ -282,6 +310,12 @@ def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
       glob: keep only files whose relative path matches it (``PurePosixPath.match``).
       val_every: every ``val_every``-th file (sorted index ``% val_every == 0``) is validation.
       num_epochs: passes over the split; ``None``: forever for train, once for validation.
+      chunk_stride: ``packing="chunk"`` only: rows start every ``chunk_stride`` tokens of the
+        stream (``R = (S - 1 - L) // stride + 1`` rows, consecutive rows overlap by
+        ``L - stride + 1``); None: ``L`` (no overlap). HMT's official training windows use
+        one segment (``configs/memory/hmt_windows.gin``).
+      tokenizer: a Hugging Face-format model folder whose ``tokenizer.json`` tokenizes the
+        files (``load_corpus``); None: bytes.
       process_index, process_count: this host's share under multi-host training: rows
         ``[i*B/n, (i+1)*B/n)`` of every global batch of ``B = batch_size`` rows. Every host
         builds the same global batches (reading and packing is cheap for byte-level text), so
@@ -299,7 +333,15 @@ def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
     if batch_size % process_count:
         raise ValueError(f"make_dataset: `batch_size` ({batch_size}) must be a multiple of "
                          f"the number of processes ({process_count})")
-    corpus = load_corpus(source, max_files=max_files, max_bytes=max_bytes, glob=glob)
+    checks.integer("make_dataset", "chunk_stride", chunk_stride, allow_none=True)
+    if chunk_stride is not None and packing != "chunk":
+        raise ValueError(f"make_dataset: `chunk_stride` applies to packing='chunk' only "
+                         f"(got packing={packing!r}, chunk_stride={chunk_stride})")
+    if chunk_stride is not None and chunk_stride > seq_len:
+        raise ValueError(f"make_dataset: `chunk_stride` must be in [1, seq_len={seq_len}], "
+                         f"got {chunk_stride}")
+    corpus = load_corpus(source, max_files=max_files, max_bytes=max_bytes, glob=glob,
+                         tokenizer=tokenizer)
     starts, lengths = _split_docs(corpus, split, val_every, source)
     train = split == "train"
     if num_epochs is None and not train:
@@ -308,7 +350,8 @@ def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
     if packing == "pack":
         ds = _pack_rows(corpus, starts, lengths, batch_size=batch_size, **kw)
     else:
-        ds = _chunk_rows(corpus, starts, lengths, source=source, split=split, **kw)
+        ds = _chunk_rows(corpus, starts, lengths, source=source, split=split,
+                         stride=chunk_stride or seq_len, **kw)
     ds = ds.batch(batch_size).map(_finalize(batch_size))
     if process_count == 1:
         return ds
@@ -320,7 +363,8 @@ def make_dataset(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
 def make_iterator(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
                   source: str = "stdlib", packing: str = "pack", max_files: int | None = None,
                   max_bytes: int | None = None, glob: str | None = None, val_every: int = 20,
-                  num_epochs: int | None = None, process_index: int = 0,
+                  num_epochs: int | None = None, chunk_stride: int | None = None,
+                  tokenizer: str | None = None, process_index: int = 0,
                   process_count: int = 1) -> grain.DatasetIterator:
     """``iter(make_dataset(...))``: a checkpointable iterator of batches.
 
@@ -330,7 +374,8 @@ def make_iterator(split: str, *, seq_len: int, batch_size: int, seed: int = 0,
     return iter(make_dataset(split, seq_len=seq_len, batch_size=batch_size, seed=seed,
                              source=source, packing=packing, max_files=max_files,
                              max_bytes=max_bytes, glob=glob, val_every=val_every,
-                             num_epochs=num_epochs, process_index=process_index,
+                             num_epochs=num_epochs, chunk_stride=chunk_stride,
+                             tokenizer=tokenizer, process_index=process_index,
                              process_count=process_count))
 
 
@@ -356,9 +401,15 @@ class DataConfig:
     glob: str | None = None
     val_every: int = 20
     num_epochs: int | None = None
+    chunk_stride: int | None = None
+    tokenizer: str | None = None
 
     def __post_init__(self):
         checks.choice("DataConfig", "packing", self.packing, PACKING_MODES)
+        checks.integer("DataConfig", "chunk_stride", self.chunk_stride, allow_none=True)
+        if self.chunk_stride is not None and self.packing != "chunk":
+            raise ValueError(f"DataConfig: `chunk_stride` applies to packing='chunk' only "
+                             f"(got packing={self.packing!r})")
 
     def iterator(self, split: str, *, seq_len: int, batch_size: int, seed: int = 0,
                  process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
@@ -370,7 +421,7 @@ class DataConfig:
     def corpus(self) -> Corpus:
         """The capped, sorted file subset this config reads (``load_corpus``)."""
         return load_corpus(self.source, max_files=self.max_files, max_bytes=self.max_bytes,
-                           glob=self.glob)
+                           glob=self.glob, tokenizer=self.tokenizer)
 
 
 def corpus_manifest(config: DataConfig = DataConfig()) -> dict:
@@ -380,7 +431,9 @@ def corpus_manifest(config: DataConfig = DataConfig()) -> dict:
         "source": config.source,
         "root": corpus.root,
         "files": len(corpus.names),
-        "bytes": int(corpus.tokens.size),
+        "bytes": int(corpus.offsets[-1]) if config.tokenizer is None else None,
+        "tokens": int(corpus.tokens.size),
+        "tokenizer": config.tokenizer,
         "sha256": hashlib.sha256(corpus.tokens.tobytes()).hexdigest(),
         "first_file": corpus.names[0],
         "last_file": corpus.names[-1],

@@ -141,6 +141,40 @@ def test_chunk_validation_is_the_sorted_stream():
     assert np.all(mask[real] == 1) and not mask[~real].any()
 
 
+def test_chunk_stride_gives_overlapping_windows():
+    stream = b"".join(split_docs("validation").values())
+    stride = L // 4   # HMT's official windows: one segment of a row of four
+    batches = list(data.make_iterator("validation", packing="chunk", chunk_stride=stride, **KW))
+    inputs, targets, seg = (np.concatenate([b[k] for b in batches])
+                            for k in ("inputs", "targets", "segment_ids"))
+    real = seg.any(axis=1)
+    assert real.sum() == (len(stream) - 1 - L) // stride + 1
+    for k, (inp, tgt) in enumerate(zip(inputs[real], targets[real])):
+        assert inp.astype(np.uint8).tobytes() == stream[k * stride:k * stride + L]
+        assert tgt.astype(np.uint8).tobytes() == stream[k * stride + 1:k * stride + L + 1]
+    with pytest.raises(ValueError, match="chunk_stride.*packing='chunk' only"):
+        data.DataConfig(chunk_stride=8)
+    with pytest.raises(ValueError, match=r"chunk_stride.*\[1, seq_len=32\], got 33"):
+        data.make_iterator("validation", packing="chunk", chunk_stride=L + 1, **KW)
+
+
+def test_tokenizer_reads_the_files_as_its_tokens():
+    import tokenizers
+
+    folder = pathlib.Path(__file__).parent / "fixtures" / "pretrained" / "llama_gqa_llama3"
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    config = data.DataConfig(str(FIXTURE), val_every=VAL_EVERY, tokenizer=str(folder))
+    docs = data.validation_documents(config)
+    expected = [tok.encode(d.decode("utf-8", "replace"), add_special_tokens=False).ids
+                for d in split_docs("validation").values()]
+    assert [d.tolist() for d in docs] == expected
+    every_file = [(FIXTURE / n).read_bytes().decode("utf-8", "replace") for n in fixture_files()]
+    assert data.corpus_manifest(config)["tokens"] == sum(
+        len(tok.encode(text, add_special_tokens=False).ids) for text in every_file)
+    batch = next(data.make_iterator("train", packing="chunk", tokenizer=str(folder), **KW))
+    assert batch["inputs"].max() >= 256, "token ids, not bytes"
+
+
 def test_chunk_train_epochs_cover_the_stream_in_new_orders():
     train = b"".join(split_docs("train").values())
     rows_per_epoch = (len(train) - 1) // L
