@@ -23,8 +23,11 @@ setup(
         "matplotlib",
         "safetensors",  # lcattn.pretrained: Hugging Face-format weights (numpy, no torch)
         "tokenizers",   # lcattn.pretrained.load_tokenizer
+        "tensorboardX",  # experiments.tracking: TensorBoard event files without TensorFlow
     ],
     extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "ruff",
                              # tests/test_notebooks.py: jupytext pairs, a real kernel
-                             "jupytext", "nbformat", "nbclient", "ipykernel"]},
+                             "jupytext", "nbformat", "nbclient", "ipykernel",
+                             # tests/test_tracking.py reads the event files back
+                             "tensorboard"]},
 )

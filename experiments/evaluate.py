@@ -8,7 +8,9 @@ newest checkpoint and writes into ``DIR`` (file stem ``evaluate.output_name``, d
 * ``eval.json``: eval lengths, validation loss per length, passkey accuracy per length x depth;
 * ``eval.zarr/`` (tensorstore): ``loss`` ``[lengths]``, ``nll_by_position`` ``[lengths, max_len]``
   (NaN past each length), ``passkey_accuracy`` ``[lengths, depths]``;
-* ``eval_loss_vs_length.png``, ``eval_nll_vs_position.png``, ``eval_passkey.png``.
+* ``eval_loss_vs_length.png``, ``eval_nll_vs_position.png``, ``eval_passkey.png``;
+* ``tensorboard/eval/``: the losses (``loss/L_<length>``), passkey accuracies and figures as
+  TensorBoard events at the checkpoint's training step, beside the run's training curves.
 
 Validation text is the held-out files of the corpus, concatenated in order and cut into
 sequences of each eval length (positions ``0..L-1``, one segment), so every length sees the
@@ -53,7 +55,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from experiments import checkpoints, configurables, tasks
+from experiments import checkpoints, configurables, tasks, tracking
 from experiments.data import DataConfig, validation_documents
 from experiments.tasks import Passkey
 from experiments.train import build_model, merge_model, split_model
@@ -238,7 +240,8 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
              passkey: Passkey | None = Passkey(), length_unit: int | None = None,
              output_name: str = "eval", context_layout: str = "auto",
              pretrained: str | None = None, pretrained_dtype: str = "float32",
-             ssm_options=None, keep_position: bool = True) -> dict:
+             ssm_options=None, keep_position: bool = True,
+             tensorboard_dir: str | None = None) -> dict:
     """Evaluate the checkpoint of ``checkpoint_workdir`` (default ``workdir``), or the
     ``pretrained`` folder, into ``workdir``.
 
@@ -253,7 +256,9 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
     batch axes; with ``context > 1`` the sequence is split over ``context`` in
     ``context_layout`` ("auto": the model's choice, ``configurables.context_layout``). Only
     process 0 writes files. ``lengths``: explicit eval lengths instead of ``length_unit`` x
-    ``length_multipliers``.
+    ``length_multipliers``. ``tensorboard_dir``: where ``<output_name>/`` gets the results as
+    TensorBoard events at the evaluated training step (``experiments.tracking.write_eval``;
+    replaced on a re-run); None: ``workdir/tensorboard``.
 
     Pretrained models (``pretrained``: a Hugging Face-format folder, ``lcattn.pretrained``):
     ``pretrained_dtype`` is the parameter and compute dtype; ``ssm_options`` (an
@@ -287,13 +292,15 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
             with open(os.path.join(source, "run.json")) as f:
                 train_seq_len = json.load(f)["seq_len"]
             model, step = restore_model(source, mesh, rules)
+            if data.tokenizer is not None:   # trained on tokenized text (a pretrained backbone)
+                tokenizer = pretrained_lib.load_tokenizer(data.tokenizer)
             if length_unit is None:
                 length_unit = (model.config.segment_len if isinstance(model, memory.HMT)
                                else train_seq_len)
         lengths = list(lengths or [length_unit * m for m in length_multipliers])
         length_unit = length_unit or min(lengths)
         needed = max(max_tokens, max(lengths) + 1)
-        if tokenizer is None:
+        if tokenizer is None or pretrained is None:
             tokens = np.concatenate(validation_documents(data))[:needed]
         else:
             tokens = pretrained_tokens(data, tokenizer, needed)
@@ -333,6 +340,10 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
                accuracy, result["unit"])
         with open(os.path.join(workdir, f"{output_name}.json"), "w") as f:
             json.dump(result, f, indent=1)
+        tracking.write_eval(
+            os.path.join(tensorboard_dir or os.path.join(workdir, "tensorboard"), output_name),
+            result, [os.path.join(workdir, f"{output_name}_{name}.png") for name in
+                     ("loss_vs_length", "nll_vs_position") + (("passkey",) if grid else ())])
     return result
 
 

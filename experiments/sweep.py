@@ -3,17 +3,20 @@ r"""The main job: train and evaluate a set of gin variants, then tabulate length
 ``python -m experiments.sweep [--gin_file=configs/sweeps/quick.gin] [--gin.NAME=VALUE]
 [--workdir=DIR]`` (default sweep ``configs/sweeps/quick.gin``, default workdir
 ``runs/<sweep name>``). For each variant ``V`` of ``sweep.variants`` (a dict
-``name -> {"gin": [files], "bindings": [...], "checkpoint_from": name | None}``) the config is
+``name -> {"gin": [files], "bindings": [...], "checkpoint_from": name | None,
+"init_from": name | None}``) the config is
 ``sweep.base_gin`` + the variant's files + the command line's ``--gin_file``s (e.g. a mesh,
 ``configs/mesh/dp8.gin``) + its bindings + the command line's ``--gin.`` bindings;
 ``DIR/V`` is trained with ``experiments.train.train`` (or, with ``checkpoint_from``, the named
-variant's checkpoint is reused — LM-Infinite needs no training) and evaluated with
+variant's checkpoint is reused — LM-Infinite needs no training; with ``init_from``, training
+starts from an earlier variant's parameters, ``train.init_from``) and evaluated with
 ``experiments.evaluate.evaluate``. With ``--pretrained=PATH`` (a Hugging Face-format folder)
 nothing is trained: every variant evaluates that model under its own attention override or
 SSM options (``configs/sweeps/pretrained.gin``). Finished variants (``DIR/V/eval.json``
 present) are skipped, and interrupted training resumes. Outputs in ``DIR``: ``results.json``
 (variant -> eval length -> loss), ``results.md``, ``length_generalization.png`` and
-``per_position.png``.
+``per_position.png``; ``tensorboard/<V>/`` (training curves) and ``tensorboard/<V>/eval/``
+(evaluation), so ``tensorboard --logdir DIR`` overlays the variants.
 """
 from __future__ import annotations
 
@@ -55,10 +58,19 @@ def run_variant(name: str, variant: dict, variants: dict, base_gin, workdir: str
                 extra_bindings, extra_files=()):
     """Train (unless ``checkpoint_from``) and evaluate one variant into ``workdir/name``."""
     vdir = os.path.join(workdir, name)
-    unknown = set(variant) - {"gin", "bindings", "checkpoint_from"}
+    tensorboard = os.path.join(workdir, "tensorboard", name)  # one TensorBoard run per variant
+    unknown = set(variant) - {"gin", "bindings", "checkpoint_from", "init_from"}
     if unknown:
         raise ValueError(f"sweep.variants[{name!r}]: unknown keys {sorted(unknown)}; allowed: "
-                         "gin, bindings, checkpoint_from")
+                         "gin, bindings, checkpoint_from, init_from")
+    start = variant.get("init_from")
+    if start is not None:   # train from an earlier variant's parameters (HMT's stage 2)
+        earlier = list(variants)[:list(variants).index(name)]
+        if start not in earlier:
+            raise ValueError(f"sweep.variants[{name!r}].init_from: {start!r} is not an "
+                             f"earlier variant; earlier: {earlier}")
+        variant = dict(variant, bindings=list(variant.get("bindings", ())) + [
+            f"train.init_from = {os.path.join(workdir, start)!r}"])
     source = variant.get("checkpoint_from")
     if source is not None and source not in variants:
         raise ValueError(f"sweep.variants[{name!r}].checkpoint_from: {source!r} is not a "
@@ -70,13 +82,13 @@ def run_variant(name: str, variant: dict, variants: dict, base_gin, workdir: str
         raise ValueError(f"sweep.variants[{name!r}].checkpoint_from: a pretrained sweep "
                          "evaluates one model (--pretrained); remove checkpoint_from")
     if source is None and pretrained is None:
-        train(vdir)
+        train(vdir, tensorboard_dir=tensorboard)
         _variant_config(base_gin, variant, extra_files, extra_bindings)
     os.makedirs(vdir, exist_ok=True)
     with open(os.path.join(vdir, "variant.gin"), "w") as f:
         f.write(gin.config_str())
     return evaluate(vdir, checkpoint_workdir=None if source is None
-                    else os.path.join(workdir, source))
+                    else os.path.join(workdir, source), tensorboard_dir=tensorboard)
 
 
 def _bound(name: str) -> bool:

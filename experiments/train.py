@@ -10,7 +10,11 @@ Example (a tiny softmax+RoPE model on the embedded corpus, a minute or two on 2 
 The workdir receives ``config.gin`` (the operative config), ``run.json`` (training length and
 steps, read by evaluation), ``corpus.json`` (corpus sha256 and
 Python version), ``metrics.jsonl`` (one JSON object per logged step: ``step``, ``loss``,
-``learning_rate``, ``grad_norm``, ``tokens_per_sec``) and ``checkpoints/`` (orbax: parameters,
+``learning_rate``, ``grad_norm``, ``param_norm``, ``tokens_per_sec``, ``step_seconds`` and, on a
+device whose peak FLOP/s is known, ``mfu``: ``experiments.tracking.speed``), ``tensorboard/``
+(the same rows as TensorBoard scalars ``train/<key>``; an evaluation adds ``tensorboard/eval/``;
+``experiments.tracking``), ``profile/`` (with ``train.profile_steps``: a ``jax.profiler`` trace),
+``wandb/`` (with ``train.wandb_project``) and ``checkpoints/`` (orbax: parameters,
 optimizer state, data-iterator state and RNG; periodic and final; the newest
 ``keep_checkpoints`` kept; each save is atomic and its files' CRC-32 recorded). Re-running the
 same command resumes from the newest intact checkpoint (on any mesh; ``experiments.checkpoints``
@@ -33,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -46,10 +51,11 @@ from absl import app
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from experiments import checkpoints, configurables
+from experiments import checkpoints, configurables, tracking
 from experiments import data as data_lib
 from experiments.data import DataConfig
 from lcattn import checks, sharding
+from lcattn import pretrained as pretrained_lib
 from lcattn.backends import ring_plan
 from lcattn.layers import Mamba2Config
 from lcattn.memory import HMT, HMTConfig
@@ -67,7 +73,7 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
                 tie_embeddings: bool = True, backend: str = "auto",
                 mamba2: Mamba2Config | None = None, memory: HMTConfig | None = None,
                 compute_dtype: str = "float32", remat: str | None = None,
-                seed: int = 0) -> DecoderLM | HMT:
+                seed: int = 0, pretrained: str | None = None) -> DecoderLM | HMT:
     """A ``DecoderLM`` of ``num_layers`` layers (``lcattn.model``), optionally inside HMT.
 
     Defaults: ``num_kv_heads = num_heads``, ``head_dim = d_model // num_heads``,
@@ -92,7 +98,21 @@ def build_model(*, vocab_size: int = 256, d_model: int = 128, num_layers: int = 
       remat: None, or a ``jax.checkpoint_policies`` name (``lcattn.model.REMAT_POLICIES``,
         e.g. ``"nothing_saveable"``) to rematerialize each block in the backward pass.
       seed: parameter initialization.
+      pretrained: a Hugging Face-format folder (``lcattn.pretrained.load``, float32
+        parameters, ``compute_dtype`` matmuls) as the decoder instead of a new one: the size
+        arguments, ``layer_pattern``, ``attention_specs``, ``tie_embeddings``, ``mamba2`` and
+        ``remat`` are then the folder's, not these. With ``memory`` it is HMT's backbone
+        (``configs/memory/hmt_pretrained.gin``; ``train.freeze`` keeps it fixed).
     """
+    if pretrained is not None:
+        checks.choice("build_model", "compute_dtype", compute_dtype, COMPUTE_DTYPES)
+        if memory is not None and not isinstance(memory, HMTConfig):
+            raise ValueError(f"build_model: `memory` must be None or a HMTConfig "
+                             f"(@memory.HMTConfig()), got {memory!r}")
+        model = pretrained_lib.load(pretrained, backend=backend, compute_dtype=compute_dtype)
+        log.info("build_model: %s loaded (%d layers, d_model %d, vocab %d)", pretrained,
+                 len(model.blocks), model.d_model, model.vocab_size)
+        return model if memory is None else HMT(model, memory, rngs=nnx.Rngs(seed))
     checks.integer("build_model", "num_layers", num_layers)
     if d_model % num_heads:
         raise ValueError(f"build_model: d_model ({d_model}) must be divisible by num_heads "
@@ -152,23 +172,6 @@ def lm_loss(logits, batch):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-class _Metrics:
-    """``metrics.jsonl``, truncated to ``step <= start`` when a run resumes."""
-
-    def __init__(self, path: str, start: int):
-        self.path = path
-        rows = []
-        if os.path.exists(path):
-            with open(path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-        with open(path, "w") as f:
-            f.writelines(rows)
-
-    def write(self, row: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def _progress(step, num_steps, start, t0, loss, tokens_per_sec):
     done = step - start
     rate = done / max(time.perf_counter() - t0, 1e-9)
@@ -226,9 +229,11 @@ def init_params_from(source: str, params: dict, shardings: dict) -> dict:
 
 
 def make_train_step(graphdef, param_state, rest, tx, shard: Shardings,
-                    context_layout: str = "contiguous"):
+                    context_layout: str = "contiguous", frozen: dict | None = None):
     """``step(params, opt_state, batch) -> (params, opt_state, loss, grad norm, param norm)``:
-    one ``jax.jit`` with ``shard``'s in/out shardings, donating params and optimizer state."""
+    one ``jax.jit`` with ``shard``'s in/out shardings, donating params and optimizer state.
+    ``frozen``: a tree like ``params`` of bools (``frozen_labels``); those parameters come back
+    unchanged, bit for bit, and the gradient norm covers the others only."""
     def step(params, opt_state, batch):
         def loss_fn(p):
             logits, mask = forward(merge_model(graphdef, param_state, rest, p), batch,
@@ -237,18 +242,50 @@ def make_train_step(graphdef, param_state, rest, tx, shard: Shardings,
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, optax.tree.norm(grads), optax.tree.norm(params)
+        new = optax.apply_updates(params, updates)
+        if frozen is not None:
+            new = jax.tree.map(lambda f, old, p: old if f else p, frozen, params, new)
+            grads = jax.tree.map(lambda f, g: None if f else g, frozen, grads)
+        return new, opt_state, loss, optax.tree.norm(grads), optax.tree.norm(new)
 
     return jax.jit(step, in_shardings=(shard.params, shard.opt_state, shard.batch),
                    out_shardings=(shard.params, shard.opt_state) + (shard.replicated,) * 3,
                    donate_argnums=(0, 1))
 
 
-def make_optimizer(schedule, weight_decay: float, grad_clip: float):
-    """Global-norm clipping, then AdamW."""
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, weight_decay=weight_decay))
+def make_optimizer(schedule, weight_decay: float, grad_clip: float,
+                   frozen: dict | None = None):
+    """Global-norm clipping, then AdamW; with ``frozen`` (a tree like the parameters of
+    bools) only over the parameters not frozen (``optax.multi_transform``: the frozen ones
+    get zero updates and no optimizer state)."""
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(schedule, weight_decay=weight_decay))
+    if frozen is None:
+        return tx
+    labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def frozen_labels(params: dict, pattern: str | None) -> dict | None:
+    """``train.freeze``: a tree like ``params`` marking each parameter whose dotted path
+    (``backbone.blocks.0.attention.wq``) matches the regular expression ``pattern``
+    (``re.search``); None for None. Matching no parameter, or all of them, is an error."""
+    if pattern is None:
+        return None
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"train: `freeze` is not a regular expression ({err}): "
+                         f"{pattern!r}") from err
+    flat = traverse_util.flatten_dict(params)
+    marks = {p: bool(regex.search(".".join(map(str, p)))) for p in flat}
+    if not any(marks.values()) or all(marks.values()):
+        examples = sorted(".".join(map(str, p)) for p in flat)[:4]
+        raise ValueError(f"train: `freeze` = {pattern!r} matches "
+                         f"{'no' if not any(marks.values()) else 'every'} parameter; it is a "
+                         f"regular expression over dotted paths such as {examples}")
+    log.info("freeze %r: %d of %d parameters frozen", pattern, sum(marks.values()), len(marks))
+    return traverse_util.unflatten_dict(marks)
 
 
 def place_batch(batch: dict, sharding_, batch_size: int) -> dict:
@@ -264,7 +301,9 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
           weight_decay: float = 0.1, grad_clip: float = 1.0, checkpoint_every: int = 100,
           keep_checkpoints: int = 2, log_every: int = 10, seed: int = 0,
           stop_at_step: int | None = None, context_layout: str = "auto",
-          init_from: str | None = None) -> dict:
+          init_from: str | None = None, freeze: str | None = None,
+          tensorboard_dir: str | None = None, profile_steps=None,
+          wandb_project: str | None = None) -> dict:
     """Train ``build_model()`` on ``data``'s training split; returns the last metrics.
 
     ``data``: the corpus and pipeline (``experiments.data.DataConfig``; gin:
@@ -281,7 +320,17 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
     another run's workdir; a fresh run starts from its newest checkpoint's parameters where
     both models have them (``init_params_from``; new ones keep their initialization, the
     optimizer starts fresh): HMT's second stage, or fine-tuning any checkpoint. A run that
-    has its own checkpoint resumes from it instead.
+    has its own checkpoint resumes from it instead. ``freeze``: a regular expression over
+    dotted parameter paths (``frozen_labels``); the parameters it matches are not trained
+    (no update, no optimizer state), e.g. ``"^backbone\\."`` trains only HMT's memory
+    parameters around a pretrained backbone (``configs/memory/hmt_pretrained.gin``).
+
+    Watching (``experiments.tracking``; process 0 writes): every ``metrics.jsonl`` row also goes
+    to TensorBoard event files in ``tensorboard_dir`` (None: ``workdir/tensorboard``; a resumed
+    run rewrites them from the rows it keeps) and, with ``wandb_project``, to a Weights & Biases
+    run in ``workdir/wandb`` (optional dependency; ``WANDB_MODE=offline`` works).
+    ``profile_steps=(START, END)`` records a ``jax.profiler`` trace of steps START..END
+    (inclusive) into ``workdir/profile``; None (the default) costs nothing.
     """
     for name, value in (("num_steps", num_steps), ("batch_size", batch_size),
                         ("seq_len", seq_len), ("checkpoint_every", checkpoint_every),
@@ -294,10 +343,17 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
     mesh = configurables.check_mesh("train", mesh)
     rules = configurables.axis_rules()
     sharding.check_batch(batch_size, seq_len, mesh, rules, "train")
+    profiler = tracking.Profiler(profile_steps, os.path.join(workdir, "profile"))
+    wandb = tracking.import_wandb(wandb_project) if jax.process_index() == 0 else None
     model = build_model()
     if not isinstance(data, DataConfig):
         raise ValueError(f"train: `data` must be a DataConfig (@data.DataConfig()), got "
                          f"{data!r}")
+    vocab = (model.backbone if isinstance(model, HMT) else model).vocab_size
+    if data.tokenizer is None and vocab != data_lib.VOCAB_SIZE:
+        raise ValueError(f"train: the model's vocabulary has {vocab} tokens but the data are "
+                         f"bytes ({data_lib.VOCAB_SIZE}); set data.DataConfig.tokenizer to the "
+                         "folder whose tokenizer.json the model uses (a pretrained backbone's)")
     if isinstance(model, HMT) and data.packing != "chunk":
         raise ValueError(f"train: an HMT model reads each row as one stream; set "
                          f"data.DataConfig.packing = 'chunk' (got {data.packing!r}; "
@@ -316,18 +372,19 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
 
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps, num_steps, learning_rate * end_lr_fraction)
-    tx = make_optimizer(schedule, weight_decay, grad_clip)
     graphdef, param_state, rest, params = split_model(model)
+    frozen = frozen_labels(params, freeze)
+    tx = make_optimizer(schedule, weight_decay, grad_clip, frozen)
     shard = Shardings.of(param_state, params, tx, mesh, rules)
     params = jax.device_put(params, shard.params)
     opt_state = jax.jit(tx.init, out_shardings=shard.opt_state)(params)
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shard.replicated)
     layout = configurables.context_layout("train", context_layout, model, mesh)
     order = ring_plan.layout_order(layout, dict(mesh.shape)["context"], seq_len)
-    train_step = make_train_step(graphdef, param_state, rest, tx, shard, layout)
+    train_step = make_train_step(graphdef, param_state, rest, tx, shard, layout, frozen)
     start = 0
     with checkpoints.manager(workdir, keep_checkpoints) as manager, jax.set_mesh(mesh), \
-            sharding.use_rules(rules):
+            sharding.use_rules(rules), profiler:
         step, restored, damaged = checkpoints.restore_newest(manager, ocp.args.Composite(
             params=ocp.args.StandardRestore(checkpoints.abstract(params)),
             opt_state=ocp.args.StandardRestore(checkpoints.abstract(opt_state)),
@@ -341,7 +398,10 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
             rng = restored.rng["key"]
             iterator.set_state(data_lib.decode_state(restored.data))
             log.info("resumed from step %d in %s", start, manager.directory)
-        metrics = _Metrics(os.path.join(workdir, "metrics.jsonl"), start) if primary else None
+        metrics = tracking.MetricsLog(
+            workdir, start, tensorboard_dir or os.path.join(workdir, "tensorboard"), wandb,
+            wandb_project) if primary else None
+        num_params, peak = sum(x.size for x in jax.tree.leaves(params)), tracking.peak_flops()
 
         def save(step):
             checkpoints.save(manager, step, ocp.args.Composite(
@@ -353,7 +413,9 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
         for step in range(start + 1, num_steps + 1):
             batch = place_batch({k: v[:, order] for k, v in next(iterator).items()},
                                 shard.batch, batch_size)
+            profiler.before(step)
             params, opt_state, loss, gnorm, pnorm = train_step(params, opt_state, batch)
+            profiler.after(step, (params, loss))
             log_now = step % log_every == 0 or step == num_steps
             save_now = step % checkpoint_every == 0 or step == num_steps
             if log_now or save_now:
@@ -364,19 +426,22 @@ def train(workdir: str, *, data: DataConfig = DataConfig(), mesh: Mesh | None = 
                         f"{float(pnorm)}); nothing saved, the last good checkpoint is kept")
             if log_now:
                 now = time.perf_counter()
-                tps = batch_size * seq_len * min(log_every, step - start) / (now - t_last)
+                speed = tracking.speed(batch_size * seq_len, min(log_every, step - start),
+                                       now - t_last, num_params, mesh.devices.size, peak)
                 t_last = now
                 row = {"step": step, "loss": loss, "learning_rate": float(schedule(step - 1)),
-                       "grad_norm": float(gnorm), "tokens_per_sec": tps}
+                       "grad_norm": float(gnorm), "param_norm": float(pnorm), **speed}
                 if metrics is not None:
                     metrics.write(row)
-                _progress(step, num_steps, start, t0, loss, tps)
+                _progress(step, num_steps, start, t0, loss, speed["tokens_per_sec"])
             if save_now:
                 save(step)
             if stop_at_step is not None and step >= stop_at_step:
                 log.info("stopping at step %d (stop_at_step)", step)
                 break
         manager.wait_until_finished()
+        if metrics is not None:
+            metrics.close()
     return row
 
 

@@ -153,7 +153,9 @@ class HMT(nnx.Module):
 
     Parameters besides the backbone's (float32; logical axes in brackets):
     ``initial_memory [D]`` (``embed``) when ``num_memories >= 1``; ``summary_prompt [D]``
-    (``embed``), ``w_q``, ``w_k [D, d_h]`` (``embed, head_dim``) when ``recall``.
+    (``embed``), ``w_q``, ``w_k [D, d_h]`` (``embed, head_dim``) when ``recall``. ``M_0`` and
+    ``T`` are drawn from ``N(0, s^2)`` with ``s`` the standard deviation of the backbone's
+    token embeddings (as the official code), so they suit a pretrained backbone too.
     """
 
     def __init__(self, backbone: DecoderLM, config: HMTConfig, *, rngs: nnx.Rngs):
@@ -163,7 +165,14 @@ class HMT(nnx.Module):
             raise ValueError(f"HMT: `config` must be an HMTConfig, got {config!r}")
         self.backbone, self.config = backbone, config
         d = backbone.d_model
-        unit = nnx.initializers.normal(1.0)  # the scale of embed(tokens) and of final_norm(h)
+        # M_0 and T start at the scale of the backbone's token embeddings x(.), as the official
+        # code draws them (randn * std of the embedding table): ~1 for lcattn's own models,
+        # the table's std (~0.02) for an imported Llama
+        scale = jnp.std(backbone.embedding[...]) * (
+            math.sqrt(d) if backbone.conventions.scale_embeddings else 1.0)
+
+        def unit(key, shape, dtype):
+            return jax.random.normal(key, shape, dtype) * scale.astype(dtype)
         self.initial_memory = param(rngs, unit, (d,), ("embed",)) if config.num_memories \
             else None
         d_h, proj = config.memory_dim or d, nnx.initializers.lecun_normal()

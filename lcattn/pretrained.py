@@ -85,20 +85,24 @@ def _check_tensors(names: dict, tensors, path: str) -> None:
 
 
 def load(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, rules=None,
-         ssm_options: SSMOptions | None = None, backend: str = "auto") -> DecoderLM:
+         ssm_options: SSMOptions | None = None, backend: str = "auto",
+         compute_dtype: str | None = None) -> DecoderLM:
     """The ``DecoderLM`` of the Hugging Face-format folder ``path`` (no tokenizer needed).
 
     Args:
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the parameters and the compute
         dtype (attention statistics, norms' statistics and logits stay float32).
+      compute_dtype: another compute dtype than ``dtype`` (e.g. float32 parameters for
+        training, bfloat16 matmuls); None: ``dtype``.
       mesh: place each parameter with its sharding (``lcattn.sharding.param_shardings`` under
         ``rules``; default ``DEFAULT_RULES``) as it is read; None: the default device.
       ssm_options: state-collapse mitigations of Mamba-2 layers (``lcattn.ssm.SSMOptions``).
       backend: the attention layers' ``lcattn.attend`` backend.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"lcattn.pretrained.load: `dtype` must be one of {DTYPES}, got "
-                         f"{dtype!r}")
+    for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype or dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"lcattn.pretrained.load: `{name}` must be one of {DTYPES}, got "
+                             f"{value!r}")
     where = os.path.join(path, "config.json")
     _, kwargs, tensors = hf_layouts.parse(read_config(path), where,
                                           ssm_options or SSMOptions())
@@ -106,7 +110,8 @@ def load(path: str, *, dtype: str = "float32", mesh: Mesh | None = None, rules=N
     _check_tensors(names, tensors, path)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):  # shapes only
         abstract = nnx.eval_shape(lambda: DecoderLM(**kwargs, backend=backend,
-                                                    dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+                                                    dtype=jnp.dtype(compute_dtype or dtype),
+                                                    rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shapes = {p: v.shape for p, v in nnx.to_flat_state(state)}
     places = None if mesh is None else sharding.param_shardings(state, mesh, rules)

@@ -186,12 +186,15 @@ def param_shardings(model_state, mesh: Mesh, rules: Mapping | None = None) -> di
 
 def opt_state_shardings(tx: optax.GradientTransformation, params, shardings, mesh: Mesh):
     """Shardings of ``tx.init(params)``: each moment like its parameter, the rest
-    (counts, scalars) replicated. ``params`` may be arrays or ``ShapeDtypeStruct``s."""
+    (counts, scalars) replicated, masked-out entries (``optax.MaskedNode``) kept. ``params``
+    may be arrays or ``ShapeDtypeStruct``s."""
     abstract = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(tx, lambda _, s: s, abstract, shardings,
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+    # masked transforms (optax.multi_transform: frozen parameters) hold MaskedNode there
+    return optax.tree_map_params(tx, lambda p, s: p if isinstance(p, optax.MaskedNode) else s,
+                                 abstract, shardings, transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, (NamedSharding,
+                                                                  optax.MaskedNode)))
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping | None = None) -> NamedSharding:

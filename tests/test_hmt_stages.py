@@ -1,4 +1,5 @@
-"""HMT's two-stage training through ``train.init_from`` (configs/memory/hmt_stage{1,2}.gin)."""
+"""HMT's two-stage training through ``train.init_from`` (configs/memory/hmt_stage{1,2}.gin),
+and HMT around a frozen pretrained backbone (configs/memory/hmt_pretrained.gin)."""
 import os
 
 import numpy as np
@@ -53,3 +54,45 @@ def test_stage1_then_stage2_restores_shared_initializes_new_refuses_misshapen(tm
     fresh, shardings = _fresh_params()
     with pytest.raises(ValueError, match=r"parameter backbone\.blocks\.0\.mlp\.w_\w+ has shape"):
         train_lib.init_params_from(stage1, fresh, shardings)
+
+
+def test_pretrained_backbone_stays_bit_identical_memory_trains(tmp_path):
+    folder = os.path.join(configurables.REPO_ROOT, "tests", "fixtures", "pretrained",
+                          "llama_gqa_llama3")
+    small = [b for b in SMALL if not b.startswith("build_model.")] + [
+        f"PRETRAINED = '{folder}'", "build_model.backend = 'reference'", "train.num_steps = 3",
+        "train.seq_len = 64"]
+    configurables.parse(["configs/base.gin", "configs/memory/hmt_pretrained.gin"], small)
+    before = traverse_util.flatten_dict(train_lib.split_model(train_lib.build_model())[3])
+    train_lib.train(str(tmp_path / "run"), checkpoint_every=1, stop_at_step=2)
+    row = train_lib.train(str(tmp_path / "run"))   # resumes: masked optimizer state restored
+    assert np.isfinite(row["loss"]) and row["step"] == 3
+    from experiments.evaluate import restore_model
+    after = traverse_util.flatten_dict(train_lib.split_model(
+        restore_model(str(tmp_path / "run"))[0])[3])
+    assert before.keys() == after.keys()
+    memory = {k for k in before if k[0] != "backbone"}
+    assert {k[-1] for k in memory} == {"initial_memory", "summary_prompt", "w_q", "w_k"}
+    table = np.std(np.asarray(before[("backbone", "embedding")]))   # ~0.02 (Llama init)
+    for name in ("initial_memory", "summary_prompt"):   # drawn at the embeddings' scale
+        assert 0.5 < np.std(np.asarray(before[(name,)])) / table < 2, name
+    for k in before:
+        same = np.array_equal(np.asarray(before[k]), np.asarray(after[k]))
+        assert same == (k not in memory), ".".join(map(str, k))
+    with pytest.raises(ValueError, match=r"train: `freeze` = 'nothing' matches no parameter"):
+        configurables.parse(["configs/base.gin", "configs/memory/hmt_pretrained.gin"],
+                            small + ["train.freeze = 'nothing'"])
+        train_lib.train(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"data.DataConfig.tokenizer"):
+        configurables.parse(["configs/base.gin", "configs/memory/hmt_pretrained.gin"],
+                            small + ["data.DataConfig.tokenizer = None"])
+        train_lib.train(str(tmp_path / "bytes"))
+
+
+def test_sweep_init_from_names_an_earlier_variant(tmp_path):
+    from experiments import sweep
+
+    variants = {"stage2": {"gin": ["configs/memory/hmt_stage2.gin"], "init_from": "stage1"},
+                "stage1": {"gin": ["configs/memory/hmt_stage1.gin"]}}
+    with pytest.raises(ValueError, match=r"init_from: 'stage1' is not an earlier variant"):
+        sweep.run_variant("stage2", variants["stage2"], variants, BASE, str(tmp_path), SMALL)

@@ -1,17 +1,30 @@
 """Shared by the benchmark scripts: compile once, record memory, time repeats; progress lines;
-the JSON report on stdout and in ``--out`` (with a PNG next to it)."""
+the JSON report on stdout and in ``--out`` (with a PNG next to it).
+
+``--profile_dir=DIR`` (a flag of every script that times with ``compile_and_time``:
+``attention_cpu``, ``attention_gpu``, ``ssd_cpu``, ``ring``, ``sharding``) adds one untimed call
+per measurement, traced with ``jax.profiler`` into ``DIR/<nnn>_<function>/`` (open with
+``tensorboard --logdir DIR`` and its profile plugin, or ``perfetto_trace.json.gz`` in
+ui.perfetto.dev); the timings are those of the untraced calls.
+"""
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 import statistics
 import sys
 import time
 
 import jax
 import numpy as np
+from absl import flags
 
 _START = time.perf_counter()
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "Trace one extra, untimed call of each measurement with jax.profiler "
+    "into DIR/<nnn>_<function>/ (TensorBoard profile plugin, Perfetto).")
+_TRACES = [0]
 
 
 def log(msg: str) -> None:
@@ -37,7 +50,8 @@ def compile_and_time(fn, args, repeats: int, warmup: int = 1):
     """Jit-compile ``fn(*args)``, run ``warmup`` untimed calls, then time ``repeats`` calls.
 
     Returns ``(record, last output)``; the record has ``compile_seconds``, the memory fields,
-    ``seconds`` (median), ``min_seconds`` and ``all_seconds``.
+    ``seconds`` (median), ``min_seconds`` and ``all_seconds`` (and ``profile``, the trace's
+    folder, under ``--profile_dir``).
     """
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
@@ -50,6 +64,14 @@ def compile_and_time(fn, args, repeats: int, warmup: int = 1):
         out = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
     rec.update(seconds=statistics.median(times), min_seconds=min(times), all_seconds=times)
+    if flags.FLAGS.is_parsed() and _PROFILE_DIR.value:
+        name = re.sub(r"\W", "", getattr(fn, "__name__", "")) or "fn"
+        path = pathlib.Path(_PROFILE_DIR.value) / f"{_TRACES[0]:03d}_{name}"
+        _TRACES[0] += 1
+        with jax.profiler.trace(str(path), create_perfetto_trace=True):
+            jax.block_until_ready(compiled(*args))
+        rec["profile"] = str(path)
+        log(f"profiled into {path}")
     return rec, out
 
 
