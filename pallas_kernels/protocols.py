@@ -5,7 +5,8 @@ the methods below, with the shapes stated here.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import dataclasses
+from typing import Any, Callable, Protocol, runtime_checkable
 
 EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes returned by MaskLike.classify
 
@@ -43,3 +44,16 @@ class NormalizerLike(Protocol):
 
     def finalize(self, state: Any) -> tuple[Any, Any]:
         """-> ``(out [..., rows, dv] or None, lse [..., rows])``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Bias:
+    """Additive score bias ``fn(q_pos, k_pos, slope) -> float32`` (e.g. ALiBi; elementwise on
+    broadcast int32 position tiles: ``[bq, 1]`` / ``[1, bk]`` on TPU, whole tiles on GPU),
+    evaluated on the int32 positions ``q_positions [B, Tq]`` / ``k_positions [B, Tk]`` with the
+    per-query-head ``slopes [Hq]``; added to ``q k^T`` before ``log_weight``."""
+
+    fn: Callable
+    q_positions: Any
+    k_positions: Any
+    slopes: Any

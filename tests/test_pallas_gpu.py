@@ -289,10 +289,47 @@ def test_backend_equals_the_reference(spec, monkeypatch):
         assert len(calls) == spec.normalizer.num_passes  # the kernels ran, once per pass
 
 
-def test_backend_refuses_alibi():
-    q, k, v = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in _inputs(7, 2, 2, t=64))
-    with pytest.raises(ValueError, match="pallas_gpu.*ALiBi"):
-        lcattn.attend(q, k, v, lcattn.AttentionSpec(position=P.ALiBi()), backend="pallas_gpu")
+def test_alibi_in_the_kernels_forward_and_gradients():
+    """ALiBi's bias ``-m_h |i - j|`` added to ``QKᵀ`` inside the forward, dQ and dK/dV
+    kernels (per query head's slope; the dK/dV walk over a GQA group's heads), Λ-mask with
+    FULL and PARTIAL tiles: output and gradients against the reference backend."""
+    spec = lcattn.AttentionSpec(M.Lambda(48, 8), position=P.ALiBi())
+    q, k, v = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in _inputs(9, 2, 1, t=128))
+    cot = jnp.asarray(np.random.default_rng(3).normal(size=q.shape), jnp.float32)
+    out, ref = (lcattn.attend(q, k, v, spec, backend=b, block_sizes=(64, 64))
+                for b in ("pallas_gpu", "reference"))
+    np.testing.assert_allclose(out, ref, atol=5e-2)
+    assert float(jnp.mean(jnp.abs(out - ref))) < 1e-2
+    grads, ref_grads = (jax.grad(lambda q, k, v, b=b: jnp.sum(lcattn.attend(
+        q, k, v, spec, backend=b, block_sizes=(64, 64)) * cot), argnums=(0, 1, 2))(q, k, v)
+        for b in ("pallas_gpu", "reference"))
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=0.03 * float(jnp.max(jnp.abs(r))))
+    no_bias = jax.grad(lambda q: jnp.sum(lcattn.attend(
+        q, k, v, lcattn.AttentionSpec(M.Lambda(48, 8), position=P.NoPE()), backend="reference")
+        * cot))(q)
+    assert float(jnp.max(jnp.abs(no_bias - ref_grads[0]))) > 0.1 * float(
+        jnp.max(jnp.abs(ref_grads[0])))   # the bias matters at this size
+
+
+def test_alibi_lowers_for_cuda():
+    """The forward, dQ and dK/dV kernels with ALiBi's bias rows and slopes lower for sm_90a
+    (D = 128, bf16, Λ-mask, GQA)."""
+    from pallas_kernels.gpu.backward import flash_attention_bwd
+    from pallas_kernels.protocols import Bias
+
+    t, d = 512, 128
+    pos = _iota(t)
+    q, k = (jax.ShapeDtypeStruct((B, h, t, d), jnp.bfloat16) for h in (4, 2))
+    row, ids = jax.ShapeDtypeStruct((B, 4, t), jnp.float32), jax.ShapeDtypeStruct((B, t), jnp.int32)
+    kw = dict(mask=M.Lambda(128, 16), normalizer=N.Softmax(), q_positions=pos, k_positions=pos)
+    bias = lambda b: Bias(P.alibi_bias, b, b, P.alibi_slopes(4))  # noqa: E731
+    fwd = jax.jit(lambda q, k, v, b: gpu.flash_attention_pass(q, k, v, {}, bias=bias(b), **kw))
+    assert "mosaic_gpu" in fwd.trace(q, k, k, ids).lower(lowering_platforms=("cuda",)).as_text()
+    bwd = jax.jit(lambda q, k, v, o, lse, do, b: flash_attention_bwd(
+        q, k, v, {}, o, lse, do, None, bias=bias(b), **kw))
+    text = bwd.trace(q, k, k, q, row, q, ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2
 
 
 def test_causal_softmax_equals_jax_pallas_gpu_mha():

@@ -13,7 +13,8 @@ The backward kernels (``pallas_kernels.gpu.backward``) recompute each visited ti
 saved ``lse``; they accumulate in float32 and round dQ / dK / dV once to bf16 (returned as
 float32), like FlashAttention. Not a kernel shape, and sent to the ``xla`` pass instead:
 LSSA's visible-key counting pass (``D = 1``, only when positions are not the default; it is
-never differentiated). ALiBi is a clear error.
+never differentiated). ALiBi (``(q_bias_pos, k_bias_pos, slopes)``) goes to the kernels as a
+``protocols.Bias`` of ``lcattn.positions.alibi_bias``, added to ``QKᵀ`` in float32.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from lcattn.backends import xla
+from lcattn.positions import alibi_bias
 from pallas_kernels import gpu
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.gpu.backward import flash_attention_bwd
+from pallas_kernels.protocols import Bias
 
 OPERAND_DTYPE = jnp.bfloat16
 
@@ -43,18 +46,16 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
     fallback = xla.pass_fn(blocks)
 
     def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
-        if bias is not None:
-            raise ValueError("backend='pallas_gpu': ALiBi is not supported by the GPU kernel "
-                             "yet; use backend='xla'")
         kw = dict(mask=mask, normalizer=normalizer, pass_idx=pass_idx)
         ints = (q_pos, k_pos, q_seg, kv_seg)
         if q.shape[-1] == 1:  # LSSA's visible-key count: not a kernel shape
-            return fallback(q, k, v, ctx, *ints, None, **kw)
+            return fallback(q, k, v, ctx, *ints, bias, **kw)
 
         first = lambda x: None if x is None else jnp.swapaxes(x, 1, 2)  # noqa: E731
         cast = lambda x: None if x is None else first(x).astype(OPERAND_DTYPE)  # noqa: E731
         where = dict(q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
-                     kv_segment_ids=kv_seg, block_sizes=tiles, interpret=interpret, **kw)
+                     kv_segment_ids=kv_seg, block_sizes=tiles, interpret=interpret,
+                     bias=None if bias is None else Bias(alibi_bias, *bias), **kw)
 
         def kernel(q, k, v, ctx):
             out, lse = gpu.flash_attention_pass(cast(q), cast(k), cast(v),

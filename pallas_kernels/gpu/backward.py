@@ -78,6 +78,7 @@ class Static:
     group: int
     with_values: bool
     interpret: bool
+    bias_fn: Any = None
 
 
 def _wgs(block: int) -> int:
@@ -217,6 +218,9 @@ def _dq_compute(st: Static, r, b, h, i, wg, count):
         plgpu.barrier_arrive(r["v_free"].at[slot])
         if "ki_bar" in r:
             plgpu.barrier_wait(r["ki_bar"].at[slot])
+        if st.bias_fn is not None:
+            scores = scores + kernels.score_bias(st, r["qi_smem"].at[wg], r["ki_smem"].at[slot],
+                                                 r["slopes"][h], shape)
         _, ds, dctx_t = _grads(
             st, scores, vec, dp, lax.rem(entry, 2) == 1,
             lambda: _visible(st, _at(r, "qi_smem", wg), _at(r, "ki_smem", slot), row0, col0,
@@ -281,6 +285,10 @@ def _dkv_compute(st: Static, r, b, hk, j, wg, count):
             dp = qk_scores(st, r["v_smem"].at[wg], r["do_smem"].at[slot], shape)  # dP^T = V dO^T
         if "qi_bar" in r:
             plgpu.barrier_wait(r["qi_bar"].at[slot])
+        if st.bias_fn is not None:   # the tile is keys x queries; query head of step s
+            scores = scores + kernels.score_bias(
+                st, r["qi_smem"].at[slot], r["ki_smem"].at[wg],
+                r["slopes"][hk * st.group + lax.div(s, count)], shape, qdim=1)
         p, ds, _ = _grads(
             st, scores, vec, dp, lax.rem(entry, 2) == 1,
             lambda: _visible(st, _at(r, "qi_smem", slot), _at(r, "ki_smem", wg), q0, k0,
@@ -364,7 +372,8 @@ def _call(st: Static, body, ins, outs, scratch, heads, tiles, interpret):
     return kernel(*ins.values())
 
 
-def dq_call(st: Static, lists, q, k, v, do, vec, q_info, k_info, *, interpret=None):
+def dq_call(st: Static, lists, q, k, v, do, vec, q_info, k_info, slopes=None, *,
+            interpret=None):
     """``(dq [B, Hq, Tq, D] in q's dtype, dctx f32 [B, Hq, C, Tq] or None)``; ``vec``: f32
     ``[B, Hq, 2 + C, Tq]`` (``lse``, ``dlse - D``, ctx)."""
     b, hq, tq, d = q.shape
@@ -391,12 +400,13 @@ def dq_call(st: Static, lists, q, k, v, do, vec, q_info, k_info, *, interpret=No
     if st.ctx_names:
         scratch["dctx_smem"] = plgpu.SMEM((wgs, n_vec - 2, st.rows), jnp.float32)
     ins = {"lists": lists, "q": q, "k": k, "v": v if st.with_values else None, "do": do,
-           "vec": vec, "q_info": q_info, "k_info": k_info}
+           "vec": vec, "q_info": q_info, "k_info": k_info, "slopes": slopes}
     res = _call(st, _dq_kernel, ins, outs, scratch, hq, tq // st.block_q, interpret)
     return res[0], (res[1] if st.ctx_names else None)
 
 
-def dkv_call(st: Static, lists_t, q, k, v, do, vec, q_info, k_info, *, interpret=None):
+def dkv_call(st: Static, lists_t, q, k, v, do, vec, q_info, k_info, slopes=None, *,
+             interpret=None):
     """``(dk [B, Hkv, Tk, D], dv [B, Hkv, Tk, Dv] or None)`` in k's dtype, summed over each
     kv head's query heads; ``lists_t``: packed lists of the transposed tile classes."""
     tk, d = k.shape[2], k.shape[3]
@@ -420,7 +430,7 @@ def dkv_call(st: Static, lists_t, q, k, v, do, vec, q_info, k_info, *, interpret
                        **_barriers(wgs, ki_bar=1))
     ins = {"lists": lists_t, "q": q, "k": k, "v": v if st.with_values else None,
            "do": do if st.with_values else None, "vec": vec, "q_info": q_info,
-           "k_info": k_info}
+           "k_info": k_info, "slopes": slopes}
     res = _call(st, _dkv_kernel, ins, outs, scratch, k.shape[1], tk // st.block_k, interpret)
     return res[0], (res[1] if st.with_values else None)
 
@@ -440,13 +450,13 @@ def _check_smem(q, v, blocks, stages, n_vec, n_qi, n_ki) -> None:
 
 def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, normalizer,
                         pass_idx: int = 0, q_positions, k_positions, q_segment_ids=None,
-                        kv_segment_ids=None,
+                        kv_segment_ids=None, bias=None,
                         block_sizes: BlockSizes | tuple[int, int] | None = None,
                         stages: int = 2, interpret=None):
     """Gradients of one ``flash_attention_pass``: ``(dq, dk, dv or None, dctx or None)``.
 
     Args:
-      q, k, v, ctx, mask, normalizer, pass_idx, positions, segment ids: as given to the
+      q, k, v, ctx, mask, normalizer, pass_idx, positions, segment ids, bias: as given to the
         forward pass (``q [B, Hq, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]`` or
         None; bfloat16 / float16; ``ctx {name: float32 [B, Hq, Tq]}``).
       out: the pass's ``[B, Hq, Tq, Dv]`` output (or None without values); lse: its
@@ -480,11 +490,11 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
     if not interpret:
         fa._check_device()
     tq_p, tk_p = -(-tq // bq) * bq, -(-tk // bk) * bk
-    q_off, k_off, qp, kp, qs, ks = block_sparse.padded_rows(
+    padded = block_sparse.padded_rows(
         q_positions, k_positions, q_segment_ids, kv_segment_ids, tq_p, tk_p)
+    q_off, k_off, qp, kp, qs, ks = padded
     classes = block_sparse.padded_tile_classes(mask, qp, kp, (bq, bk), qs, ks, tk)
-    q_fields, q_info = fa._info({"pos": None if q_off is not None else qp, "seg": qs})
-    k_fields, k_info = fa._info({"pos": None if k_off is not None else kp, "seg": ks})
+    q_fields, q_info, k_fields, k_info, slopes = fa.info_rows(padded, bias, hq, tq_p, tk_p)
     with_values = v is not None
     base = jnp.zeros((b, hq, tq), jnp.float32) if dlse is None else dlse.astype(jnp.float32)
     if with_values:
@@ -498,7 +508,7 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
                   q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0,
                   k_offset=k_off or 0, block_q=bq, block_k=bk, stages=stages, kv_len=tk,
                   kv_padded=tk_p != tk, group=hq // hk, with_values=with_values,
-                  interpret=bool(interpret))
+                  interpret=bool(interpret), bias_fn=None if bias is None else bias.fn)
     st_q = Static(rows=bq // _wgs(bq), compute_wgs=_wgs(bq), **common)
     st_k = Static(rows=bk // _wgs(bk), compute_wgs=_wgs(bk), **common)
     q_p, k_p = pad_axis(q, tq_p, 2), pad_axis(k, tk_p, 2)
@@ -506,9 +516,9 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
     do = pad_axis(dout.astype(q.dtype), tq_p, 2) if with_values else None
     interpret = interpret or None
     dq, dctx = dq_call(st_q, fa.pack_lists(block_sparse.block_lists(classes)), q_p, k_p, v_p,
-                       do, vec, q_info, k_info, interpret=interpret)
+                       do, vec, q_info, k_info, slopes, interpret=interpret)
     dk, dv = dkv_call(st_k, fa.pack_lists(block_sparse.block_lists(classes.T)), q_p, k_p, v_p,
-                      do, vec, q_info, k_info, interpret=interpret)
+                      do, vec, q_info, k_info, slopes, interpret=interpret)
     f32 = jnp.float32
     return (dq[:, :, :tq].astype(f32), dk[:, :, :tk].astype(f32),
             None if dv is None else dv[:, :, :tk].astype(f32),

@@ -26,6 +26,7 @@ from pallas_kernels import block_sparse
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.block_sparse import pad_axis
 from pallas_kernels.gpu import kernels
+from pallas_kernels.protocols import Bias
 
 WGMMA_M = 64  # query rows per compute warpgroup (one WGMMA M tile)
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -98,8 +99,24 @@ def _info(fields: dict):
     return names, jnp.stack([jnp.asarray(fields[n], jnp.int32) for n in names], axis=1)
 
 
+def info_rows(padded, bias: Bias | None, hq: int, tq_p: int, tk_p: int):
+    """``(q_fields, q_info, k_fields, k_info, slopes)`` for the kernels from
+    ``block_sparse.padded_rows``' output: positions unless iota, segment ids, and the bias's
+    positions ("bias", padded with their last value) with its ``slopes`` f32 ``[Hq]``."""
+    q_off, k_off, qp, kp, qs, ks = padded
+    q_side = {"pos": None if q_off is not None else qp, "seg": qs}
+    k_side = {"pos": None if k_off is not None else kp, "seg": ks}
+    slopes = None
+    if bias is not None:
+        q_side["bias"] = pad_axis(jnp.asarray(bias.q_positions, jnp.int32), tq_p, 1, edge=True)
+        k_side["bias"] = pad_axis(jnp.asarray(bias.k_positions, jnp.int32), tk_p, 1, edge=True)
+        slopes = jnp.asarray(bias.slopes, jnp.float32).reshape(hq)
+    return (*_info(q_side), *_info(k_side), slopes)
+
+
 def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int = 0,
                          q_positions, k_positions, q_segment_ids=None, kv_segment_ids=None,
+                         bias: Bias | None = None,
                          block_sizes: BlockSizes | tuple[int, int] | None = None,
                          stages: int = 2, interpret=None):
     """One forward pass: ``(out [B, Hq, Tq, Dv] float32 or None, lse [B, Hq, Tq] float32)``.
@@ -113,6 +130,8 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
       q_positions, k_positions: int32 ``[B, T]``; numpy arrays give static block lists (and
         iota positions in the kernel when they are ``offset + arange``).
       q_segment_ids, kv_segment_ids: optional int32 ``[B, T]``.
+      bias: optional additive score bias (``protocols.Bias``, e.g. ALiBi): ``t =
+        log_weight(q k^T + bias)``, evaluated on every visited tile (FULL ones too).
       block_sizes: ``BlockSizes.of(block_sizes).forward`` (default 128 x 128): ``block_q``
         query rows per thread block (64 per compute warpgroup up to two warpgroups, or 128 per
         warpgroup at 256) and ``block_k`` keys per kv block.
@@ -139,12 +158,12 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     if not interpret:
         _check_device()
     tq_p, tk_p = -(-tq // bq) * bq, -(-tk // bk) * bk
-    q_off, k_off, qp, kp, qs, ks = block_sparse.padded_rows(
+    padded = block_sparse.padded_rows(
         q_positions, k_positions, q_segment_ids, kv_segment_ids, tq_p, tk_p)
+    q_off, k_off, qp, kp, qs, ks = padded
     lists = block_sparse.block_lists(
         block_sparse.padded_tile_classes(mask, qp, kp, (bq, bk), qs, ks, tk))
-    q_fields, q_info = _info({"pos": None if q_off is not None else qp, "seg": qs})
-    k_fields, k_info = _info({"pos": None if k_off is not None else kp, "seg": ks})
+    q_fields, q_info, k_fields, k_info, slopes = info_rows(padded, bias, hq, tq_p, tk_p)
     ctx_names = tuple(ctx)
     ctx_arr = (jnp.stack([pad_axis(jnp.asarray(ctx[n], jnp.float32), tq_p, 2)
                           for n in ctx_names], axis=2) if ctx_names else None)
@@ -155,9 +174,9 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
         q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0, k_offset=k_off or 0,
         rows=bq // wgs, block_k=bk, compute_wgs=wgs, stages=stages, kv_len=tk,
         kv_padded=tk_p != tk, group=hq // hk, with_values=v is not None,
-        interpret=bool(interpret))
+        interpret=bool(interpret), bias_fn=None if bias is None else bias.fn)
     out, lse = kernels.forward_call(
         st, pack_lists(lists), pad_axis(q, tq_p, 2), pad_axis(k, tk_p, 2),
-        None if v is None else pad_axis(v, tk_p, 2), ctx_arr, q_info, k_info,
+        None if v is None else pad_axis(v, tk_p, 2), ctx_arr, q_info, k_info, slopes,
         interpret=interpret or None)
     return (None if out is None else out[:, :, :tq].astype(jnp.float32)), lse[:, :, :tq]

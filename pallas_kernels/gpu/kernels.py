@@ -64,6 +64,7 @@ class Static:
     with_values: bool
     interpret: bool  # the Mosaic GPU interpreter: no layouts, plgpu.load, run_state, or WGMMA
     # with a transposed or register operand (plain dots of the same bf16 / fp16 operands)
+    bias_fn: Any = None  # protocols.Bias.fn on the "bias" info rows and slopes[h] (ALiBi)
 
     @property
     def block_q(self) -> int:
@@ -100,6 +101,16 @@ def qk_scores(st: Static, q_smem, k_smem, shape):
 def _tile_vector(x, shape, dim):
     """A ``[n]`` vector broadcast along the other axis of a ``[rows, block_k]`` tile."""
     return lax.broadcast_in_dim(x, shape, [dim])
+
+
+def score_bias(st, qi, ki, slope, shape, qdim: int = 0):
+    """``bias_fn`` on a tile: the query side's and the key side's "bias" rows (SMEM refs
+    ``qi`` / ``ki`` of ``[fields, n]``) broadcast along the tile (``qdim``: its query axis)."""
+    def side(ref, fields, dim):
+        row = load_ref(st, ref.at[fields.index("bias")], ROW if dim == 0 else COL)
+        return _tile_vector(row, shape, dim)
+
+    return st.bias_fn(side(qi, st.q_fields, qdim), side(ki, st.k_fields, 1 - qdim), slope)
 
 
 def _positions(st: Static, r, wg, row0, slot, col0, shape):
@@ -167,10 +178,13 @@ def _compute(st: Static, r, b, h, i, wg, count):
 
         scores = qk_scores(st, q_smem, r["k_smem"].at[slot], shape)
         plgpu.barrier_arrive(r["k_free"].at[slot])
-        # a constant log-weight (a splat) gets the tile's layout, as the mask branch has it
-        t = cast_layout(st, st.normalizer.log_weight(scores, ctx, st.pass_idx), plgpu.Layout.WGMMA)
         if "ki_bar" in r:
             plgpu.barrier_wait(r["ki_bar"].at[slot])
+        if st.bias_fn is not None:
+            scores = scores + score_bias(st, r["qi_smem"].at[wg], r["ki_smem"].at[slot],
+                                         r["slopes"][h], shape)
+        # a constant log-weight (a splat) gets the tile's layout, as the mask branch has it
+        t = cast_layout(st, st.normalizer.log_weight(scores, ctx, st.pass_idx), plgpu.Layout.WGMMA)
         t = lax.cond(full, lambda t: t,
                      lambda t: jnp.where(_visible(st, r, wg, row0, slot, col0, shape), t,
                                          -jnp.inf), t)
@@ -265,16 +279,18 @@ def smem_tile(shape, dtype):
                                                 plgpu.SwizzleTransform(128)))
 
 
-def forward_call(st: Static, lists, q, k, v, ctx, q_info, k_info, *, interpret=None):
+def forward_call(st: Static, lists, q, k, v, ctx, q_info, k_info, slopes=None, *,
+                 interpret=None):
     """``(out [B, Hq, Tq, Dv] in q's dtype or None, lse [B, Hq, Tq] f32)`` of one pass.
 
     ``lists``: int32 ``[Tq / block_q, W]`` (``pack_lists``); ``ctx``: f32 ``[B, Hq, C, Tq]``
-    or None; ``q_info`` / ``k_info``: int32 ``[B, F, T]`` or None.
+    or None; ``q_info`` / ``k_info``: int32 ``[B, F, T]`` or None; ``slopes``: f32 ``[Hq]``
+    with ``st.bias_fn``.
     """
     b, hq, tq, d = q.shape
     dtype = q.dtype
     ins = {"lists": lists, "q": q, "k": k, "v": v if st.with_values else None, "ctx": ctx,
-           "q_info": q_info, "k_info": k_info}
+           "q_info": q_info, "k_info": k_info, "slopes": slopes}
     ins = {n: a for n, a in ins.items() if a is not None}
     outs = {"lse": jax.ShapeDtypeStruct((b, hq, tq), jnp.float32)}
     wgs, stages = st.compute_wgs, st.stages

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,21 +27,10 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import block_sparse
 from pallas_kernels.block_sizes import BlockSizes, for_lengths, tilings
 from pallas_kernels.block_sparse import pad_axis
+from pallas_kernels.protocols import Bias
 from pallas_kernels.tpu import kernels
 
 SUBLANES, LANES = 8, 128  # TPU tiling: blocks are multiples of these (or the whole axis)
-
-
-@dataclasses.dataclass(frozen=True)
-class Bias:
-    """Additive score bias ``fn(q_pos [bq, 1], k_pos [1, bk], slope) -> float32`` (e.g. ALiBi),
-    evaluated on the int32 positions ``q_positions [B, Tq]`` / ``k_positions [B, Tk]`` with the
-    per-query-head ``slopes [Hq]``."""
-
-    fn: Callable
-    q_positions: Any
-    k_positions: Any
-    slopes: Any
 
 
 def block_shape(tq: int, tk: int, blocks: tuple[int, int], *, interpret: bool,
