@@ -13,6 +13,7 @@ import pytest
 
 from lcattn import masks as M
 from lcattn import normalizers as N
+from pallas_kernels import block_sparse
 from pallas_kernels.gpu import backward
 
 B, T, D = 1, 128, 64
@@ -108,6 +109,23 @@ def _check(mask, heads, blocks, *, t=T, seg=None, traced=False, normalizer=N.Sof
 ], ids=["causal-gqa", "local", "lambda"])
 def test_softmax_gradients_match_dense_vjp(mask, heads, blocks):
     _check(mask, heads, blocks)
+
+
+def test_sink_column_is_split_across_thread_blocks():
+    """Λ's first kv tile (the sinks) is visited by every query tile: its dK/dV list is cut
+    into pieces of twice the median list length, one thread block each, and the partial sums
+    are added after. The work items cover every list exactly once; gradients as ever."""
+    t, blocks, mask = 512, (64, 64), M.Lambda(64, 16)
+    pos = np.arange(t, dtype=np.int32)[None]
+    lists = block_sparse.block_lists(
+        block_sparse.padded_tile_classes(mask, pos, pos, blocks, None, None, t).T)
+    items = np.asarray(backward.column_items(lists))
+    assert lists.kv_count.tolist() == [8, 2, 2, 2, 2, 2, 2, 1]
+    assert items[:2, :3].tolist() == [[0, 0, 4], [0, 4, 8]]   # pieces of 2 x median = 4
+    for j, c in enumerate(lists.kv_count):   # each list entry in exactly one item
+        mine = items[items[:, 0] == j]
+        assert sorted(e for _, s, stop, _ in mine for e in range(s, stop)) == list(range(c))
+    _check(mask, (2, 1), blocks, t=t)
 
 
 def test_segment_ids_traced_positions_and_padding():

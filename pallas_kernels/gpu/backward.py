@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -252,7 +253,8 @@ def _dq_kernel(st: Static, names, *refs):
 
 
 # -- dK / dV ---------------------------------------------------------------------------------
-def _dkv_compute(st: Static, r, b, hk, j, wg, count):
+def _dkv_compute(st: Static, r, b, hk, w, j, start, count, wg):
+    """Work item ``w``: kv tile ``j``'s list entries ``[start, start + count)``."""
     plgpu.set_max_registers(232, action="increase")
     k_smem = r["k_smem"].at[wg]
     k0 = j * st.block_k + wg * st.rows
@@ -272,7 +274,7 @@ def _dkv_compute(st: Static, r, b, hk, j, wg, count):
     def step(s, carry):
         dk, dv = carry
         slot = lax.rem(s, st.stages)
-        entry = r["lists"][j, 1 + lax.rem(s, count)]
+        entry = r["lists"][j, 1 + start + lax.rem(s, count)]
         q0 = lax.div(entry, 2) * st.block_q
         plgpu.barrier_wait(r["q_bar"].at[slot])
         scores = qk_scores(st, k_smem, r["q_smem"].at[slot], shape)  # S^T = K Q^T
@@ -309,13 +311,14 @@ def _dkv_compute(st: Static, r, b, hk, j, wg, count):
     if st.with_values:
         r["v_smem"].at[wg][...] = dv.astype(k_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, r["dk"].at[b, hk, keys])
+    part = pl.ds(w * st.block_k + wg * st.rows, st.rows)   # this item's partial dK / dV
+    plgpu.copy_smem_to_gmem(k_smem, r["dk"].at[b, hk, part])
     if st.with_values:
-        plgpu.copy_smem_to_gmem(r["v_smem"].at[wg], r["dv"].at[b, hk, keys])
+        plgpu.copy_smem_to_gmem(r["v_smem"].at[wg], r["dv"].at[b, hk, part])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dkv_memory(st: Static, r, b, hk, j, count):
+def _dkv_memory(st: Static, r, b, hk, j, start, count):
     """The memory warpgroup: per step (query head ``g`` of the group, q block of the list),
     Q, dO, the f32 row vectors and the query info into the SMEM ring."""
     plgpu.set_max_registers(40, action="decrease")
@@ -324,7 +327,8 @@ def _dkv_memory(st: Static, r, b, hk, j, count):
     def _fetch(s):
         slot = lax.rem(s, st.stages)
         h = hk * st.group + lax.div(s, count)
-        rows = pl.ds(lax.div(r["lists"][j, 1 + lax.rem(s, count)], 2) * st.block_q, st.block_q)
+        entry = r["lists"][j, 1 + start + lax.rem(s, count)]
+        rows = pl.ds(lax.div(entry, 2) * st.block_q, st.block_q)
 
         @pl.when(s >= st.stages)
         def _wait():
@@ -347,11 +351,32 @@ def _dkv_memory(st: Static, r, b, hk, j, count):
 
 def _dkv_kernel(st: Static, names, *refs):
     r = dict(zip(names, refs))
-    b, hk, j = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tile")
+    b, hk, w = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tile")
     wg = lax.axis_index("wg")
-    count = r["lists"][j, 0]
-    pl.when(wg < st.compute_wgs)(lambda: _dkv_compute(st, r, b, hk, j, wg, count))
-    pl.when(wg == st.compute_wgs)(lambda: _dkv_memory(st, r, b, hk, j, count))
+    j, start = r["items"][w, 0], r["items"][w, 1]
+    count = r["items"][w, 2] - start
+    pl.when(wg < st.compute_wgs)(lambda: _dkv_compute(st, r, b, hk, w, j, start, count, wg))
+    pl.when(wg == st.compute_wgs)(lambda: _dkv_memory(st, r, b, hk, j, start, count))
+
+
+def column_items(lists: block_sparse.BlockLists):
+    """int32 ``[n, 4]`` work items of the dK/dV kernel, one thread block each: ``(kv tile,
+    first list entry, end entry, 0)``. Every tile's list once; with static lists, a list longer
+    than twice the median non-empty length is cut into pieces of that length (Λ's sink column
+    is visited by every query tile: its pieces run side by side and their partial dK / dV are
+    summed after), so no thread block walks far more tiles than the others. Traced lists: one
+    item per tile."""
+    count = lists.kv_count
+    if not lists.static:
+        n = count.shape[0]
+        zero = jnp.zeros(n, jnp.int32)
+        return jnp.stack([jnp.arange(n, dtype=jnp.int32), zero, count.astype(jnp.int32), zero],
+                         axis=1)
+    busy = count[count > 0]
+    piece = max(2 * int(np.median(busy)), 1) if busy.size else 1
+    items = [(j, s, min(s + piece, int(c)), 0) for j, c in enumerate(count)
+             for s in range(0, max(int(c), 1), piece)]
+    return jnp.asarray(np.asarray(items, np.int32))
 
 
 # -- calls -----------------------------------------------------------------------------------
@@ -405,20 +430,22 @@ def dq_call(st: Static, lists, q, k, v, do, vec, q_info, k_info, slopes=None, *,
     return res[0], (res[1] if st.ctx_names else None)
 
 
-def dkv_call(st: Static, lists_t, q, k, v, do, vec, q_info, k_info, slopes=None, *,
+def dkv_call(st: Static, lists_t, items, q, k, v, do, vec, q_info, k_info, slopes=None, *,
              interpret=None):
-    """``(dk [B, Hkv, Tk, D], dv [B, Hkv, Tk, Dv] or None)`` in k's dtype, summed over each
-    kv head's query heads; ``lists_t``: packed lists of the transposed tile classes."""
-    tk, d = k.shape[2], k.shape[3]
+    """``(dk [B, Hkv, n·block_k, D], dv [B, Hkv, n·block_k, Dv] or None)`` in k's dtype: each
+    work item's partial sum over its list entries and each kv head's query heads;
+    ``lists_t``: packed lists of the transposed tile classes; ``items``: ``column_items``."""
+    b, hk, _, d = k.shape
+    n = items.shape[0]
     wgs, stages, n_vec = st.compute_wgs, st.stages, vec.shape[2]
-    outs = {"dk": jax.ShapeDtypeStruct(k.shape, k.dtype)}
+    outs = {"dk": jax.ShapeDtypeStruct((b, hk, n * st.block_k, d), k.dtype)}
     scratch = {"k_smem": smem_tile((wgs, st.rows, d), k.dtype),
                "q_smem": smem_tile((stages, st.block_q, d), k.dtype),
                "vec_smem": plgpu.SMEM((stages, n_vec, st.block_q), jnp.float32),
                **_barriers(wgs, k_bar=1), **_barriers(stages, q_bar=1, vec_bar=1),
                "q_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)}
     if st.with_values:
-        outs["dv"] = jax.ShapeDtypeStruct(v.shape, v.dtype)
+        outs["dv"] = jax.ShapeDtypeStruct((b, hk, n * st.block_k, v.shape[-1]), v.dtype)
         scratch.update(v_smem=smem_tile((wgs, st.rows, v.shape[-1]), k.dtype),
                        do_smem=smem_tile((stages, st.block_q, do.shape[-1]), k.dtype),
                        **_barriers(wgs, v_bar=1), **_barriers(stages, do_bar=1))
@@ -428,10 +455,10 @@ def dkv_call(st: Static, lists_t, q, k, v, do, vec, q_info, k_info, slopes=None,
     if k_info is not None:
         scratch.update(ki_smem=plgpu.SMEM((wgs, k_info.shape[1], st.rows), jnp.int32),
                        **_barriers(wgs, ki_bar=1))
-    ins = {"lists": lists_t, "q": q, "k": k, "v": v if st.with_values else None,
-           "do": do if st.with_values else None, "vec": vec, "q_info": q_info,
-           "k_info": k_info, "slopes": slopes}
-    res = _call(st, _dkv_kernel, ins, outs, scratch, k.shape[1], tk // st.block_k, interpret)
+    ins = {"lists": lists_t, "items": items, "q": q, "k": k,
+           "v": v if st.with_values else None, "do": do if st.with_values else None,
+           "vec": vec, "q_info": q_info, "k_info": k_info, "slopes": slopes}
+    res = _call(st, _dkv_kernel, ins, outs, scratch, hk, n, interpret)
     return res[0], (res[1] if st.with_values else None)
 
 
@@ -517,9 +544,16 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
     interpret = interpret or None
     dq, dctx = dq_call(st_q, fa.pack_lists(block_sparse.block_lists(classes)), q_p, k_p, v_p,
                        do, vec, q_info, k_info, slopes, interpret=interpret)
-    dk, dv = dkv_call(st_k, fa.pack_lists(block_sparse.block_lists(classes.T)), q_p, k_p, v_p,
-                      do, vec, q_info, k_info, slopes, interpret=interpret)
+    lists_t = block_sparse.block_lists(classes.T)
+    items = column_items(lists_t)
+    dk, dv = dkv_call(st_k, fa.pack_lists(lists_t), items, q_p, k_p, v_p, do, vec, q_info,
+                      k_info, slopes, interpret=interpret)
     f32 = jnp.float32
-    return (dq[:, :, :tq].astype(f32), dk[:, :, :tk].astype(f32),
-            None if dv is None else dv[:, :, :tk].astype(f32),
+
+    def gather(parts):  # the items' partial sums into their kv tiles, in float32
+        parts = parts.astype(f32).reshape(b, hk, -1, bk, parts.shape[-1])
+        whole = jnp.zeros((b, hk, tk_p // bk, bk, parts.shape[-1]), f32)
+        return whole.at[:, :, items[:, 0]].add(parts).reshape(b, hk, tk_p, -1)[:, :, :tk]
+
+    return (dq[:, :, :tq].astype(f32), gather(dk), None if dv is None else gather(dv),
             {n: dctx[:, :, c, :tq] for c, n in enumerate(ctx)} if ctx else None)
