@@ -261,7 +261,10 @@ def test_lssa_and_lssar_lower_for_cuda():
     lcattn.AttentionSpec(M.Lambda(32, 8), distance_limit=32),
     lcattn.AttentionSpec(M.Causal(), N.Softplus()),
     lcattn.AttentionSpec(M.Causal(), N.Reweighted(p=3)),
-], ids=["softmax-causal", "softmax-lambda-limit", "lssa", "lssar-p3"])
+    lcattn.AttentionSpec(M.Chunked(48), N.Reweighted(p=3)),
+    lcattn.AttentionSpec(M.Local(40), N.Softplus()),
+], ids=["softmax-causal", "softmax-lambda-limit", "lssa", "lssar-p3", "chunked-lssar",
+        "local-lssa"])
 def test_backend_equals_the_reference(spec, monkeypatch):
     """``attend(backend="pallas_gpu")`` (interpreter off GPU) over float32 inputs: the kernels'
     bf16 operands keep the output within 5e-2 of the float32 reference (LM-Infinite's two
