@@ -167,14 +167,19 @@ def _load_corpus(source, max_files, max_bytes, glob) -> Corpus:
     return Corpus(source, str(root), tuple(names[:len(chunks)]), tokens, offsets)
 
 
+def encode_with(tokenizer, doc: np.ndarray) -> np.ndarray:
+    """A document's bytes as a ``tokenizers.Tokenizer``'s ids, int32 ``[n]``: decoded as UTF-8
+    (invalid bytes replaced), no special tokens added."""
+    text = np.asarray(doc, np.uint8).tobytes().decode("utf-8", "replace")
+    return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenize(corpus: Corpus, tokenizer: str) -> Corpus:
     from lcattn import pretrained  # tokenizers is only needed here
 
     tok = pretrained.load_tokenizer(tokenizer)
-    docs = [np.asarray(tok.encode(corpus.document(i).tobytes().decode("utf-8", "replace"),
-                                  add_special_tokens=False).ids, np.int32)
-            for i in range(len(corpus.names))]
+    docs = [encode_with(tok, corpus.document(i)) for i in range(len(corpus.names))]
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
     tokens = np.concatenate(docs)
     tokens.flags.writeable = False

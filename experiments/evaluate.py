@@ -56,7 +56,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments import checkpoints, configurables, tasks, tracking
-from experiments.data import DataConfig, validation_documents
+from experiments.data import DataConfig, encode_with, validation_documents
 from experiments.tasks import Passkey
 from experiments.train import build_model, merge_model, split_model
 from lcattn import checks, memory, sharding
@@ -206,17 +206,13 @@ def _plots(workdir, stem, lengths, losses, nll, depths, passkey, unit="byte"):
 
 
 def pretrained_tokens(data: DataConfig, tokenizer, max_tokens: int) -> np.ndarray:
-    """``data``'s validation files (all its files when it has none: a single text file, a
-    small folder) as UTF-8 text, tokenized without special tokens and concatenated, up to
-    ``max_tokens`` tokens."""
-    docs = validation_documents(data) or [data.corpus().document(i)
-                                          for i in range(len(data.corpus().names))]
+    """``data``'s validation files (byte corpus; a single text file or any folder has one:
+    file 0) tokenized by ``tokenizer`` (``data.encode_with``) and concatenated, stopping once
+    ``max_tokens`` tokens are there."""
     out, total = [], 0
-    for doc in docs:
-        ids = tokenizer.encode(doc.astype(np.uint8).tobytes().decode("utf-8", "replace"),
-                               add_special_tokens=False).ids
-        out.append(np.asarray(ids, np.int32))
-        total += len(ids)
+    for doc in validation_documents(data):
+        out.append(encode_with(tokenizer, doc))
+        total += len(out[-1])
         if total >= max_tokens:
             break
     return np.concatenate(out)[:max_tokens]
@@ -300,10 +296,10 @@ def evaluate(workdir: str, *, checkpoint_workdir: str | None = None,
         lengths = list(lengths or [length_unit * m for m in length_multipliers])
         length_unit = length_unit or min(lengths)
         needed = max(max_tokens, max(lengths) + 1)
-        if tokenizer is None or pretrained is None:
-            tokens = np.concatenate(validation_documents(data))[:needed]
-        else:
+        if pretrained is not None and data.tokenizer is None:  # bytes -> the model's tokens
             tokens = pretrained_tokens(data, tokenizer, needed)
+        else:   # the run's own tokens (bytes, or data.tokenizer's)
+            tokens = np.concatenate(validation_documents(data))[:needed]
         nll = np.full((len(lengths), max(lengths)), np.nan)
         losses = []
         layout = configurables.context_layout("evaluate", context_layout, model, mesh,

@@ -361,7 +361,8 @@ def _dkv_kernel(st: Static, names, *refs):
 
 def column_items(lists: block_sparse.BlockLists):
     """int32 ``[n, 4]`` work items of the dK/dV kernel, one thread block each: ``(kv tile,
-    first list entry, end entry, 0)``. Every tile's list once; with static lists, a list longer
+    first list entry, end entry, 0)`` (rows padded to 4 int32 as ``pack_lists`` pads its
+    own). Every tile's list once; with static lists, a list longer
     than twice the median non-empty length is cut into pieces of that length (Λ's sink column
     is visited by every query tile: its pieces run side by side and their partial dK / dV are
     summed after), so no thread block walks far more tiles than the others. Traced lists: one
