@@ -78,6 +78,9 @@ class Normalizer:
 
     num_passes: int = 1
     needs_count: bool = False
+    # Whether small score errors grow large in the weights' gradients (LSSAR's power p):
+    # kernels with 16-bit matmul operands then compute q k^T from split operands.
+    amplifies_score_error: bool = False
 
     def uses_values(self, pass_idx: int) -> bool:
         """Whether pass ``pass_idx`` accumulates values (earlier passes only collect row sums)."""
@@ -208,6 +211,7 @@ class Reweighted(Softplus):
     p: float = 15.0
     warmup_rows: int = 3
     num_passes = 2
+    amplifies_score_error = True  # bf16 q k^T moves dQ / dK by ~10 % at p = 15
 
     def __post_init__(self):
         if not self.p > 0:

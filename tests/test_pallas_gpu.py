@@ -239,38 +239,68 @@ def test_lssa_softplus_pass_in_the_interpreter():
                                / w.sum(-1, keepdims=True), atol=2e-2, rtol=2e-2)
 
 
-def test_lssa_and_lssar_lower_for_cuda():
-    """Softplus and both passes of Reweighted lower for sm_90a (no log1p / is_finite left)."""
+def test_lssa_and_lssar_lower_for_cuda(monkeypatch):
+    """Softplus and both passes of Reweighted lower for sm_90a (no log1p / is_finite left);
+    Reweighted with split operands (float32 q, k): at head_dim 128 the default tiles shrink to
+    128 x 64 to fit SMEM, 128 x 128 is refused by the estimate and by Mosaic GPU itself."""
     t, d = 512, 128
     pos = _iota(t)
-    q, k = (jax.ShapeDtypeStruct((B, h, t, d), jnp.bfloat16) for h in (4, 2))
     row = jax.ShapeDtypeStruct((B, 4, t), jnp.float32)
-    for norm, pass_idx, values in ((N.Softplus(), 0, True), (N.Reweighted(), 0, False),
-                                   (N.Reweighted(), 1, True)):
-        def fwd(q, k, v, count, lse, q_pos, norm=norm, pass_idx=pass_idx, values=values):
+
+    def lower(norm, pass_idx, values, split, blocks=None):
+        dtype = jnp.float32 if split else jnp.bfloat16
+        q, k = (jax.ShapeDtypeStruct((B, h, t, d), dtype) for h in (4, 2))
+        v = jax.ShapeDtypeStruct((B, 2, t, d), jnp.bfloat16)
+
+        def fwd(q, k, v, count, lse, q_pos):
             ctx = {"count": count, "lse": lse, "q_pos": q_pos} if pass_idx else {}
             return gpu.flash_attention_pass(q, k, v if values else None, ctx, mask=M.Causal(),
                                             normalizer=norm, pass_idx=pass_idx,
-                                            q_positions=pos, k_positions=pos)
-        lowered = jax.jit(fwd).trace(q, k, k, row, row, row).lower(lowering_platforms=("cuda",))
-        assert "mosaic_gpu" in lowered.as_text()
+                                            q_positions=pos, k_positions=pos,
+                                            block_sizes=blocks, split_qk=split)
+        return jax.jit(fwd).trace(q, k, v, row, row, row).lower(lowering_platforms=("cuda",))
+
+    for norm, pass_idx, values, split in ((N.Softplus(), 0, True, False),
+                                          (N.Reweighted(), 0, False, True),
+                                          (N.Reweighted(), 1, True, True)):
+        assert "mosaic_gpu" in lower(norm, pass_idx, values, split).as_text()
+    with pytest.raises(ValueError, match="need about .* bytes of shared memory"):
+        lower(N.Reweighted(), 1, True, True, (128, 128))
+    monkeypatch.setattr(gpu.flash_attention, "SMEM_BYTES", 1 << 30)
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        lower(N.Reweighted(), 1, True, True, (128, 128))
+
+
+def test_split_operands():
+    """``split``: bf16 halves whose sum is the float32 input to 16 mantissa bits (bf16 alone:
+    8), and the dtype rules of ``split_qk``."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4096,)) * 30.0, jnp.float32)
+    hi, lo = gpu.flash_attention.split(x, True)
+    assert hi.dtype == lo.dtype == jnp.bfloat16
+    rel = lambda y: float(jnp.max(jnp.abs(y - x) / jnp.abs(x)))  # noqa: E731
+    assert rel(hi.astype(jnp.float32) + lo.astype(jnp.float32)) < 2.0 ** -16 < rel(hi)
+    q = jnp.zeros((B, 2, 128, D), jnp.bfloat16)
+    with pytest.raises(ValueError, match="split_qk=True takes float32 q, k"):
+        gpu.flash_attention_pass(q, q, q, {}, mask=M.Causal(), normalizer=N.Softmax(),
+                                 q_positions=_iota(128), k_positions=_iota(128), split_qk=True)
 
 
 @pytest.mark.parametrize("spec", [
     lcattn.AttentionSpec(M.Causal()),
     lcattn.AttentionSpec(M.Lambda(32, 8), distance_limit=32),
     lcattn.AttentionSpec(M.Causal(), N.Softplus()),
-    lcattn.AttentionSpec(M.Causal(), N.Reweighted(p=3)),
+    lcattn.AttentionSpec(M.Causal(), N.Reweighted()),
     lcattn.AttentionSpec(M.Chunked(48), N.Reweighted(p=3)),
     lcattn.AttentionSpec(M.Local(40), N.Softplus()),
-], ids=["softmax-causal", "softmax-lambda-limit", "lssa", "lssar-p3", "chunked-lssar",
+], ids=["softmax-causal", "softmax-lambda-limit", "lssa", "lssar", "chunked-lssar-p3",
         "local-lssa"])
 def test_backend_equals_the_reference(spec, monkeypatch):
     """``attend(backend="pallas_gpu")`` (interpreter off GPU) over float32 inputs: the kernels'
     bf16 operands keep the output within 5e-2 of the float32 reference (LM-Infinite's two
     branches, LSSA's count, LSSAR's two passes all go through them). Gradients through the
     dQ and dK/dV kernels (for Softmax, and LSSAR whose pass 1 differentiates through the row
-    context ``lse`` of pass 0) within 3 % of the largest reference gradient. Two query heads
+    context ``lse`` of pass 0) within 3 % of the largest reference gradient; LSSAR at p = 15
+    only with its split ``QKᵀ`` operands (bf16 scores fail the gradient check). Two query heads
     on one kv head (GQA at its cheapest: the interpreter's time grows with the heads)."""
     q, k, v = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in _inputs(7, 2, 1, t=128))
     out = lcattn.attend(q, k, v, spec, backend="pallas_gpu", block_sizes=(64, 64))

@@ -159,29 +159,33 @@ def test_lse_only_pass_lssa():
 def test_lowers_for_cuda(d):
     """The compiled dQ and dK/dV kernels (WGMMA with transposed and register operands,
     layouts, SMEM) lower for sm_90a without a GPU, bf16, Λ-mask, GQA: iota positions, GMEM
-    positions + segment ids, softcap, LSSAR's pass 1 (ctx) and pass 0 (no values), and
-    128 x 128 tiles (two warpgroups in both kernels)."""
+    positions + segment ids, softcap, LSSAR's pass 1 (ctx) and pass 0 (no values), with split
+    float32 q, k (default tiles: 64 x 64 at head_dim 128) and without, and 128 x 128 tiles
+    (two warpgroups in both kernels)."""
     t, hq, hk = 512, 4, 2
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (B, t))
     S = jax.ShapeDtypeStruct
-    q, k = (S((B, h, t, d), jnp.bfloat16) for h in (hq, hk))
+    v = S((B, hk, t, d), jnp.bfloat16)
     o, row, ids = S((B, hq, t, d), jnp.float32), S((B, hq, t), jnp.float32), S((B, t), jnp.int32)
 
     def bwd(q, k, v, out, lse, dout, dlse, p, seg, c, *, norm=N.Softmax(), pass_idx=0,
-            values=True, traced=False, blocks=None):
+            values=True, traced=False, blocks=None, split=False):
         ctx = {"count": c, "lse": c, "q_pos": c} if pass_idx else {}
         where = (dict(q_positions=p, k_positions=p, q_segment_ids=seg, kv_segment_ids=seg)
                  if traced else dict(q_positions=pos, k_positions=pos))
         return backward.flash_attention_bwd(
             q, k, v if values else None, ctx, out if values else None, lse,
             dout if values else None, dlse, mask=M.Lambda(256, 64), normalizer=norm,
-            pass_idx=pass_idx, block_sizes=blocks, **where)
+            pass_idx=pass_idx, block_sizes=blocks, split_qk=split, **where)
 
     for kw in ({}, {"traced": True}, {"norm": N.Softmax(softcap=20.0)},
                {"norm": N.Reweighted(), "pass_idx": 1},
-               {"norm": N.Reweighted(), "values": False}, {"blocks": (128, 128)}):
+               {"norm": N.Reweighted(), "pass_idx": 1, "split": True},
+               {"norm": N.Reweighted(), "values": False, "split": True}, {"blocks": (128, 128)}):
+        q, k = (S((B, h, t, d), jnp.float32 if kw.get("split") else jnp.bfloat16)
+                for h in (hq, hk))
         lowered = jax.jit(lambda *a, kw=kw: bwd(*a, **kw)).trace(
-            q, k, k, o, row, o, row, ids, ids, row).lower(lowering_platforms=("cuda",))
+            q, k, v, o, row, o, row, ids, ids, row).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("mosaic_gpu") >= 2, kw  # the dQ and dK/dV kernels
 
 

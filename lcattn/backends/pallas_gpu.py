@@ -3,11 +3,13 @@ the forward kernel, and the dQ and dK/dV kernels as its ``custom_vjp``.
 
 Adapts ``streaming_attend``'s pass contract (``[B, T, H, D]``, prepared float32 q / k) to the
 kernel: heads first, and every matmul operand in ``OPERAND_DTYPE`` (bfloat16: WGMMA takes
-bf16 / fp16 operands) with float32 accumulation and float32 softmax statistics, for every
-normalizer. So a float32 model loses precision against the float32 reference here: q after the
-normalizer's scaling (LSSA: ``log(d) log(N_i)`` times a unit vector) and k are rounded to
-bf16 before ``QKᵀ``, ``P`` before ``PV``. ``interpret=None``: the Mosaic GPU interpreter when
-not on a GPU.
+bf16 / fp16 operands) with float32 accumulation and float32 softmax statistics. So a float32
+model loses precision against the float32 reference here: q after the normalizer's scaling
+(LSSA: ``log(d) log(N_i)`` times a unit vector) and k are rounded to bf16 before ``QKᵀ``,
+``P`` before ``PV``. A normalizer with ``amplifies_score_error`` (LSSAR, whose power p = 15
+turns bf16 score rounding into ~10 % gradient errors) gets ``split_qk``: float32 q and k,
+split by the kernel entry into bf16 halves, ``QKᵀ`` as three WGMMAs (16 mantissa bits).
+``interpret=None``: the Mosaic GPU interpreter when not on a GPU.
 
 The backward kernels (``pallas_kernels.gpu.backward``) recompute each visited tile from the
 saved ``lse``; they accumulate in float32 and round dQ / dK / dV once to bf16 (returned as
@@ -51,14 +53,17 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
         if q.shape[-1] == 1:  # LSSA's visible-key count: not a kernel shape
             return fallback(q, k, v, ctx, *ints, bias, **kw)
 
+        split = getattr(normalizer, "amplifies_score_error", False)
         first = lambda x: None if x is None else jnp.swapaxes(x, 1, 2)  # noqa: E731
         cast = lambda x: None if x is None else first(x).astype(OPERAND_DTYPE)  # noqa: E731
+        qk = first if split else cast  # split_qk: float32 q, k, split in the kernel's entry
         where = dict(q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
                      kv_segment_ids=kv_seg, block_sizes=tiles, interpret=interpret,
-                     bias=None if bias is None else Bias(alibi_bias, *bias), **kw)
+                     bias=None if bias is None else Bias(alibi_bias, *bias), split_qk=split,
+                     **kw)
 
         def kernel(q, k, v, ctx):
-            out, lse = gpu.flash_attention_pass(cast(q), cast(k), cast(v),
+            out, lse = gpu.flash_attention_pass(qk(q), qk(k), cast(v),
                                                 {n: first(c) for n, c in ctx.items()}, **where)
             return first(out), jnp.swapaxes(lse, 1, 2)
 
@@ -74,7 +79,7 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
             q, k, v, ctx, out, lse = res
             dout, dlse = cts
             dq, dk, dv, dctx = flash_attention_bwd(
-                cast(q), cast(k), cast(v), {n: first(c) for n, c in ctx.items()}, first(out),
+                qk(q), qk(k), cast(v), {n: first(c) for n, c in ctx.items()}, first(out),
                 jnp.swapaxes(lse, 1, 2), first(dout), jnp.swapaxes(dlse, 1, 2), **where)
             dctx = {n: (jnp.zeros_like(c) if dctx is None else first(dctx[n]))
                     for n, c in ctx.items()}

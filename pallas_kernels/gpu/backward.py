@@ -33,7 +33,6 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jax.extend import core as jex_core
 
 from pallas_kernels import block_sparse
 from pallas_kernels.block_sizes import BlockSizes
@@ -45,13 +44,19 @@ from pallas_kernels.gpu.kernels import (
     LOG2E,
     ROW,
     cast_layout,
+    copy_in,
     iota_tile,
     load_ref,
     qk_scores,
     smem_tile,
+    split_pair,
+    split_scratch,
+    wait_for,
 )
+from pallas_kernels.gpu.lowerable import log_weight_vjp
 
-DEFAULT_BWD_BLOCKS = (64, 128)  # (block_q, block_k): 64-row dQ tiles, 2 x 64-key dK/dV tiles
+# (block_q, block_k), the first that fits SMEM: 64-row dQ tiles, 2 x 64-key dK/dV tiles
+DEFAULT_BWD_BLOCKS = ((64, 128), (64, 64))
 OWNER = "pallas_kernels.gpu.flash_attention_bwd"
 WGMMA = plgpu.Layout.WGMMA
 
@@ -80,6 +85,7 @@ class Static:
     with_values: bool
     interpret: bool
     bias_fn: Any = None
+    split_qk: bool = False
 
 
 def _wgs(block: int) -> int:
@@ -129,47 +135,6 @@ def _visible(st: Static, qi, ki, q0, k0, shape, qdim):
     return vis
 
 
-def _eval(jaxpr, consts, *args):
-    """Evaluate ``jaxpr`` with the ops Mosaic GPU lowers: ``add_any`` (how autodiff sums
-    cotangents) as ``add``, ``integer_pow`` as multiplies (its rule takes no ``y < -1``),
-    calls inlined."""
-    env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
-
-    def read(v):
-        return v.val if isinstance(v, jex_core.Literal) else env[v]
-
-    for eqn in jaxpr.eqns:
-        ins, name = [read(v) for v in eqn.invars], eqn.primitive.name
-        if name == "add_any":
-            outs = [lax.add(*ins)]
-        elif name == "integer_pow":
-            y, x = eqn.params["y"], ins[0]
-            power = jnp.ones_like(x) if y == 0 else x
-            for _ in range(abs(y) - 1):
-                power = power * x
-            outs = [1.0 / power if y < 0 else power]
-        elif name in ("jit", "pjit", "closed_call"):
-            call = eqn.params["jaxpr"]
-            outs = _eval(call.jaxpr, call.consts, *ins)
-        else:
-            outs = eqn.primitive.bind(*ins, **eqn.params)
-            outs = outs if eqn.primitive.multiple_results else [outs]
-        env.update(zip(eqn.outvars, outs))
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _log_weight_vjp(st: Static, s, ctx, ct):
-    """``(ct * dt/ds, {name: ct * dt/dctx})`` of the elementwise ``log_weight``, traced by
-    ``jax.vjp`` and evaluated with lowerable ops (``_eval``)."""
-
-    def grad(s_, c_, ct_):
-        return jax.vjp(lambda a, b: st.normalizer.log_weight(a, b, st.pass_idx), s_, c_)[1](ct_)
-
-    closed = jax.make_jaxpr(grad)(s, ctx, ct)
-    flat = _eval(closed.jaxpr, closed.consts, *jax.tree.leaves((s, ctx, ct)))
-    return jax.tree.unflatten(jax.tree.structure((s, ctx)), flat)
-
-
 def _grads(st: Static, s, vec, dp, full, visible):
     """``(P, dS, dctx tiles)`` of one tile; ``vec``: the broadcast ``[lse, base, *ctx]``."""
     ctx = dict(zip(st.ctx_names, vec[2:]))
@@ -179,7 +144,8 @@ def _grads(st: Static, s, vec, dp, full, visible):
     lse = vec[0]
     live = lse > -jnp.inf
     p = jnp.where(live, jnp.exp2((t - jnp.where(live, lse, 0.0)) * LOG2E), 0.0)
-    ds, dctx = _log_weight_vjp(st, s, ctx, p * (vec[1] if dp is None else dp + vec[1]))
+    ds, dctx = log_weight_vjp(st.normalizer, st.pass_idx, s, ctx,
+                              p * (vec[1] if dp is None else dp + vec[1]))
     return p, cast_layout(st, ds, WGMMA), {n: cast_layout(st, g, WGMMA) for n, g in dctx.items()}
 
 
@@ -190,6 +156,7 @@ def _dq_compute(st: Static, r, b, h, i, wg, count):
     row0 = i * st.block_q + wg * st.rows
     rows = pl.ds(row0, st.rows)
     plgpu.copy_gmem_to_smem(r["q"].at[b, h, rows], q_smem, r["q_bar"].at[wg])
+    copy_in(r, "q_lo", (b, h, rows), wg)
     plgpu.copy_gmem_to_smem(r["vec"].at[b, h, :, rows], r["vec_smem"].at[wg],
                             r["vec_bar"].at[wg])
     if st.with_values:
@@ -202,6 +169,7 @@ def _dq_compute(st: Static, r, b, h, i, wg, count):
     plgpu.barrier_wait(r["vec_bar"].at[wg])
     vec = [_vector(st, r["vec_smem"].at[wg, c], shape, 0) for c in range(r["vec"].shape[2])]
     plgpu.barrier_wait(r["q_bar"].at[wg])
+    wait_for(r, "q_lo", wg)
     if st.with_values:
         plgpu.barrier_wait(r["do_bar"].at[wg])
 
@@ -211,7 +179,8 @@ def _dq_compute(st: Static, r, b, h, i, wg, count):
         entry = r["lists"][i, 1 + s]
         col0 = lax.div(entry, 2) * st.block_k
         plgpu.barrier_wait(r["k_bar"].at[slot])
-        scores = qk_scores(st, q_smem, r["k_smem"].at[slot], shape)
+        wait_for(r, "k_lo", slot)
+        scores = qk_scores(st, q_smem, r["k_smem"].at[slot], shape, split_pair(r, wg, slot))
         dp = None
         if st.with_values:
             plgpu.barrier_wait(r["v_bar"].at[slot])
@@ -260,6 +229,7 @@ def _dkv_compute(st: Static, r, b, hk, w, j, start, count, wg):
     k0 = j * st.block_k + wg * st.rows
     keys = pl.ds(k0, st.rows)
     plgpu.copy_gmem_to_smem(r["k"].at[b, hk, keys], k_smem, r["k_bar"].at[wg])
+    copy_in(r, "k_lo", (b, hk, keys), wg)
     if st.with_values:
         plgpu.copy_gmem_to_smem(r["v"].at[b, hk, keys], r["v_smem"].at[wg], r["v_bar"].at[wg])
     if "k_info" in r:
@@ -267,6 +237,7 @@ def _dkv_compute(st: Static, r, b, hk, w, j, start, count, wg):
                                 r["ki_bar"].at[wg])
         plgpu.barrier_wait(r["ki_bar"].at[wg])
     plgpu.barrier_wait(r["k_bar"].at[wg])
+    wait_for(r, "k_lo", wg)
     if st.with_values:
         plgpu.barrier_wait(r["v_bar"].at[wg])
     shape = (st.rows, st.block_q)
@@ -277,7 +248,10 @@ def _dkv_compute(st: Static, r, b, hk, w, j, start, count, wg):
         entry = r["lists"][j, 1 + start + lax.rem(s, count)]
         q0 = lax.div(entry, 2) * st.block_q
         plgpu.barrier_wait(r["q_bar"].at[slot])
-        scores = qk_scores(st, k_smem, r["q_smem"].at[slot], shape)  # S^T = K Q^T
+        wait_for(r, "q_lo", slot)
+        lo = split_pair(r, slot, wg)
+        scores = qk_scores(st, k_smem, r["q_smem"].at[slot], shape,  # S^T = K Q^T
+                           None if lo is None else lo[::-1])
         plgpu.barrier_wait(r["vec_bar"].at[slot])
         vec = [_vector(st, r["vec_smem"].at[slot, c], shape, 1)
                for c in range(r["vec"].shape[2])]
@@ -335,6 +309,7 @@ def _dkv_memory(st: Static, r, b, hk, j, start, count):
             plgpu.barrier_wait(r["q_free"].at[slot])
 
         plgpu.copy_gmem_to_smem(r["q"].at[b, h, rows], r["q_smem"].at[slot], r["q_bar"].at[slot])
+        copy_in(r, "q_lo", (b, h, rows), slot)
         plgpu.copy_gmem_to_smem(r["vec"].at[b, h, :, rows], r["vec_smem"].at[slot],
                                 r["vec_bar"].at[slot])
         if st.with_values:
@@ -398,10 +373,11 @@ def _call(st: Static, body, ins, outs, scratch, heads, tiles, interpret):
     return kernel(*ins.values())
 
 
-def dq_call(st: Static, lists, q, k, v, do, vec, q_info, k_info, slopes=None, *,
-            interpret=None):
+def dq_call(st: Static, lists, q, k, v, do, vec, q_info, k_info, slopes=None, lo=(None, None),
+            *, interpret=None):
     """``(dq [B, Hq, Tq, D] in q's dtype, dctx f32 [B, Hq, C, Tq] or None)``; ``vec``: f32
-    ``[B, Hq, 2 + C, Tq]`` (``lse``, ``dlse - D``, ctx)."""
+    ``[B, Hq, 2 + C, Tq]`` (``lse``, ``dlse - D``, ctx); ``lo``: ``(q_lo, k_lo)`` with
+    ``st.split_qk``."""
     b, hq, tq, d = q.shape
     wgs, stages, n_vec = st.compute_wgs, st.stages, vec.shape[2]
     outs = {"dq": jax.ShapeDtypeStruct(q.shape, q.dtype)}
@@ -412,7 +388,8 @@ def dq_call(st: Static, lists, q, k, v, do, vec, q_info, k_info, slopes=None, *,
                "k_smem": smem_tile((stages, st.block_k, d), q.dtype),
                **_barriers(wgs, q_bar=1, vec_bar=1), **_barriers(stages, k_bar=1),
                "k_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-               "v_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)}
+               "v_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+               **split_scratch(st, (wgs, st.rows), (stages, st.block_k), q.dtype, d)}
     if st.with_values:
         scratch.update(do_smem=smem_tile((wgs, st.rows, do.shape[-1]), q.dtype),
                        v_smem=smem_tile((stages, st.block_k, v.shape[-1]), q.dtype),
@@ -426,13 +403,14 @@ def dq_call(st: Static, lists, q, k, v, do, vec, q_info, k_info, slopes=None, *,
     if st.ctx_names:
         scratch["dctx_smem"] = plgpu.SMEM((wgs, n_vec - 2, st.rows), jnp.float32)
     ins = {"lists": lists, "q": q, "k": k, "v": v if st.with_values else None, "do": do,
-           "vec": vec, "q_info": q_info, "k_info": k_info, "slopes": slopes}
+           "vec": vec, "q_info": q_info, "k_info": k_info, "slopes": slopes, "q_lo": lo[0],
+           "k_lo": lo[1]}
     res = _call(st, _dq_kernel, ins, outs, scratch, hq, tq // st.block_q, interpret)
     return res[0], (res[1] if st.ctx_names else None)
 
 
-def dkv_call(st: Static, lists_t, items, q, k, v, do, vec, q_info, k_info, slopes=None, *,
-             interpret=None):
+def dkv_call(st: Static, lists_t, items, q, k, v, do, vec, q_info, k_info, slopes=None,
+             lo=(None, None), *, interpret=None):
     """``(dk [B, Hkv, n·block_k, D], dv [B, Hkv, n·block_k, Dv] or None)`` in k's dtype: each
     work item's partial sum over its list entries and each kv head's query heads;
     ``lists_t``: packed lists of the transposed tile classes; ``items``: ``column_items``."""
@@ -444,7 +422,8 @@ def dkv_call(st: Static, lists_t, items, q, k, v, do, vec, q_info, k_info, slope
                "q_smem": smem_tile((stages, st.block_q, d), k.dtype),
                "vec_smem": plgpu.SMEM((stages, n_vec, st.block_q), jnp.float32),
                **_barriers(wgs, k_bar=1), **_barriers(stages, q_bar=1, vec_bar=1),
-               "q_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)}
+               "q_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+               **split_scratch(st, (stages, st.block_q), (wgs, st.rows), k.dtype, d)}
     if st.with_values:
         outs["dv"] = jax.ShapeDtypeStruct((b, hk, n * st.block_k, v.shape[-1]), v.dtype)
         scratch.update(v_smem=smem_tile((wgs, st.rows, v.shape[-1]), k.dtype),
@@ -458,50 +437,60 @@ def dkv_call(st: Static, lists_t, items, q, k, v, do, vec, q_info, k_info, slope
                        **_barriers(wgs, ki_bar=1))
     ins = {"lists": lists_t, "items": items, "q": q, "k": k,
            "v": v if st.with_values else None, "do": do if st.with_values else None,
-           "vec": vec, "q_info": q_info, "k_info": k_info, "slopes": slopes}
+           "vec": vec, "q_info": q_info, "k_info": k_info, "slopes": slopes, "q_lo": lo[0],
+           "k_lo": lo[1]}
     res = _call(st, _dkv_kernel, ins, outs, scratch, hk, n, interpret)
     return res[0], (res[1] if st.with_values else None)
 
 
-def _check_smem(q, v, blocks, stages, n_vec, n_qi, n_ki) -> None:
-    """Both kernels' SMEM (operand tiles, f32 row vectors, int32 info rows) fits sm_90a."""
+def smem_bytes(d, dv, blocks, stages, n_vec, n_qi, n_ki, split_qk) -> int:
+    """The larger kernel's SMEM for 2-byte operands: operand tiles (and the low halves of
+    q / k with ``split_qk``), f32 row vectors, int32 info rows, barriers."""
     bq, bk = blocks
-    width = jnp.dtype(q.dtype).itemsize * (q.shape[-1] + (0 if v is None else v.shape[-1]))
-    need = max(width * (bq + stages * bk) + 4 * (bq * (2 * n_vec + n_qi) + stages * bk * n_ki),
-               width * (bk + stages * bq) + 4 * (stages * bq * (n_vec + n_qi) + bk * n_ki))
-    need += 4096  # barriers and alignment
-    if need > fa.SMEM_BYTES:
-        raise ValueError(f"{OWNER}: backward tiles of {bq} x {bk} with {stages} stages at "
-                         f"head_dim {q.shape[-1]} need about {need} bytes of shared memory, "
-                         f"more than sm_90a's {fa.SMEM_BYTES}; use smaller blocks")
+    width, lo = 2 * (d + dv), (2 * d if split_qk else 0)
+    dq = (width + lo) * (bq + stages * bk) + 4 * (bq * (2 * n_vec + n_qi) + stages * bk * n_ki)
+    dkv = (width + lo) * (bk + stages * bq) + 4 * (stages * bq * (n_vec + n_qi) + bk * n_ki)
+    return max(dq, dkv) + 4096  # + barriers and alignment
 
 
 def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, normalizer,
                         pass_idx: int = 0, q_positions, k_positions, q_segment_ids=None,
                         kv_segment_ids=None, bias=None,
                         block_sizes: BlockSizes | tuple[int, int] | None = None,
-                        stages: int = 2, interpret=None):
+                        stages: int = 2, split_qk: bool = False, interpret=None):
     """Gradients of one ``flash_attention_pass``: ``(dq, dk, dv or None, dctx or None)``.
 
     Args:
       q, k, v, ctx, mask, normalizer, pass_idx, positions, segment ids, bias: as given to the
         forward pass (``q [B, Hq, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]`` or
-        None; bfloat16 / float16; ``ctx {name: float32 [B, Hq, Tq]}``).
+        None; bfloat16 / float16, or float32 q, k with ``split_qk``; ``ctx {name: float32
+        [B, Hq, Tq]}``).
       out: the pass's ``[B, Hq, Tq, Dv]`` output (or None without values); lse: its
         ``[B, Hq, Tq]`` log-sum-exp (``-inf``: a row with no visible key, no gradient).
       dout: cotangent of ``out`` (None without values); dlse: cotangent of ``lse`` or None.
-      block_sizes: ``BlockSizes.of(block_sizes).backward`` (default 64 x 128): ``block_q``
-        query rows per dQ thread block and per q block of the dK/dV walk; ``block_k`` (64,
-        128 or 256) keys per kv block and per dK/dV thread block.
+      block_sizes: ``BlockSizes.of(block_sizes).backward``: ``block_q`` query rows per dQ
+        thread block and per q block of the dK/dV walk; ``block_k`` (64, 128 or 256) keys per
+        kv block and per dK/dV thread block; default: the first of ``DEFAULT_BWD_BLOCKS``
+        that fits SMEM (64 x 128; 64 x 64 for split operands at head_dim 128).
       stages: SMEM slots of the streamed operands (K/V for dQ; Q, dO, rows for dK/dV).
+      split_qk: as for the forward: the scores from split q, k; ``dS K`` and ``dS^T Q`` take
+        the high halves.
       interpret: as for ``flash_attention_pass``.
 
     Returns float32 ``dq [B, Hq, Tq, D]``, ``dk [B, Hkv, Tk, D]`` (summed over each kv
     head's query heads), ``dv [B, Hkv, Tk, Dv]`` or None, ``dctx {name: [B, Hq, Tq]}`` or
     None (no ctx); the kernels round them once to q's dtype.
     """
-    blocks = DEFAULT_BWD_BLOCKS if block_sizes is None else BlockSizes.of(block_sizes).backward
-    fa.check_inputs(q, k, v, blocks, stages)
+    d, dv = q.shape[-1], (0 if v is None else v.shape[-1])
+    n_vec = 2 + len(ctx)
+
+    def need(n_qi, n_ki):
+        return lambda blocks: smem_bytes(d, dv, blocks, stages, n_vec, n_qi, n_ki, split_qk)
+
+    blocks = (fa.fitting_blocks(DEFAULT_BWD_BLOCKS, need(fa.MAX_FIELDS, fa.MAX_FIELDS), OWNER,
+                                "backward")
+              if block_sizes is None else BlockSizes.of(block_sizes).backward)
+    fa.check_inputs(q, k, v, blocks, stages, split_qk, OWNER)
     bq, bk = blocks
     if bk not in (64, 128, 256):
         raise ValueError(f"{OWNER}: block_k must be 64, 128 or 256 (64 or 128 keys per dK/dV "
@@ -531,24 +520,26 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
                     constant_values=-jnp.inf), base] + [jnp.asarray(ctx[n], jnp.float32)
                                                         for n in ctx]
     vec = jnp.stack([pad_axis(x, tq_p, 2) for x in rows], axis=2)
-    _check_smem(q, v, blocks, stages, vec.shape[2], len(q_fields), len(k_fields))
+    fa.fitting_blocks([blocks], need(len(q_fields), len(k_fields)), OWNER, "backward")
     common = dict(mask=mask, normalizer=normalizer, pass_idx=pass_idx, ctx_names=tuple(ctx),
                   q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0,
                   k_offset=k_off or 0, block_q=bq, block_k=bk, stages=stages, kv_len=tk,
                   kv_padded=tk_p != tk, group=hq // hk, with_values=with_values,
-                  interpret=bool(interpret), bias_fn=None if bias is None else bias.fn)
+                  interpret=bool(interpret), bias_fn=None if bias is None else bias.fn,
+                  split_qk=split_qk)
     st_q = Static(rows=bq // _wgs(bq), compute_wgs=_wgs(bq), **common)
     st_k = Static(rows=bk // _wgs(bk), compute_wgs=_wgs(bk), **common)
-    q_p, k_p = pad_axis(q, tq_p, 2), pad_axis(k, tk_p, 2)
+    (q_p, q_lo), (k_p, k_lo) = (fa.split(pad_axis(q, tq_p, 2), split_qk),
+                                fa.split(pad_axis(k, tk_p, 2), split_qk))
     v_p = pad_axis(v, tk_p, 2) if with_values else None
-    do = pad_axis(dout.astype(q.dtype), tq_p, 2) if with_values else None
+    do = pad_axis(dout.astype(q_p.dtype), tq_p, 2) if with_values else None
     interpret = interpret or None
     dq, dctx = dq_call(st_q, fa.pack_lists(block_sparse.block_lists(classes)), q_p, k_p, v_p,
-                       do, vec, q_info, k_info, slopes, interpret=interpret)
+                       do, vec, q_info, k_info, slopes, (q_lo, k_lo), interpret=interpret)
     lists_t = block_sparse.block_lists(classes.T)
     items = column_items(lists_t)
     dk, dv = dkv_call(st_k, fa.pack_lists(lists_t), items, q_p, k_p, v_p, do, vec, q_info,
-                      k_info, slopes, interpret=interpret)
+                      k_info, slopes, (q_lo, k_lo), interpret=interpret)
     f32 = jnp.float32
 
     def gather(parts):  # the items' partial sums into their kv tiles, in float32

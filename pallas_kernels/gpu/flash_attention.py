@@ -30,33 +30,51 @@ from pallas_kernels.protocols import Bias
 
 WGMMA_M = 64  # query rows per compute warpgroup (one WGMMA M tile)
 DTYPES = (jnp.bfloat16, jnp.float16)
+SPLIT_DTYPE = jnp.dtype(jnp.bfloat16)  # the halves of split_qk's q and k
 HEAD_DIMS = (64, 128, 192, 256)
-DEFAULT_BLOCKS = (128, 128)
+DEFAULT_BLOCKS = ((128, 128), (128, 64), (64, 64))  # the first that fits SMEM
+MAX_FIELDS = 3  # info rows per side at most (positions, segment ids, bias positions)
 SMEM_BYTES = 227 * 1024  # sm_90a's shared memory per thread block
 OWNER = "pallas_kernels.gpu.flash_attention_pass"
 
 
-def check_inputs(q, k, v, blocks: tuple[int, int], stages: int) -> None:
+def check_inputs(q, k, v, blocks: tuple[int, int], stages: int, split_qk: bool = False,
+                 owner: str = OWNER) -> None:
     """Raise ``ValueError`` naming what the sm_90a kernel cannot do with these inputs."""
     arrays = {"q": q, "k": k} | ({} if v is None else {"v": v})
     dtypes = {n: jnp.dtype(a.dtype) for n, a in arrays.items()}
-    if dtypes["q"] not in map(jnp.dtype, DTYPES) or len(set(dtypes.values())) > 1:
-        raise ValueError(f"{OWNER}: q, k, v must all be bfloat16 or float16 (WGMMA operands), "
-                         f"got {', '.join(f'{n}={t}' for n, t in dtypes.items())}")
+    got = ", ".join(f"{n}={t}" for n, t in dtypes.items())
+    if split_qk:
+        if dtypes["q"] != jnp.float32 or dtypes["k"] != jnp.float32 \
+                or dtypes.get("v", jnp.dtype(SPLIT_DTYPE)) != SPLIT_DTYPE:
+            raise ValueError(f"{owner}: split_qk=True takes float32 q, k (split into bfloat16 "
+                             f"halves) and bfloat16 v, got {got}")
+    elif dtypes["q"] not in map(jnp.dtype, DTYPES) or len(set(dtypes.values())) > 1:
+        raise ValueError(f"{owner}: q, k, v must all be bfloat16 or float16 (WGMMA operands), "
+                         f"got {got}")
     for name, a in arrays.items():
         if a.ndim != 4:
-            raise ValueError(f"{OWNER}: `{name}` must be [B, H, T, D], got shape {a.shape}")
+            raise ValueError(f"{owner}: `{name}` must be [B, H, T, D], got shape {a.shape}")
         if a.shape[-1] not in HEAD_DIMS:
-            raise ValueError(f"{OWNER}: head_dim of `{name}` must be one of {HEAD_DIMS} on "
+            raise ValueError(f"{owner}: head_dim of `{name}` must be one of {HEAD_DIMS} on "
                              f"sm_90a, got {a.shape[-1]}")
     bq, bk = blocks
     if bq not in (64, 128, 256):
-        raise ValueError(f"{OWNER}: block_q must be 64, 128 or 256 (64 or 128 query rows per "
+        raise ValueError(f"{owner}: block_q must be 64, 128 or 256 (64 or 128 query rows per "
                          f"compute warpgroup), got {bq}")
     if bk % 64 or bk > 256:
-        raise ValueError(f"{OWNER}: block_k must be a multiple of 64 up to 256, got {bk}")
+        raise ValueError(f"{owner}: block_k must be a multiple of 64 up to 256, got {bk}")
     if not isinstance(stages, int) or stages < 2:
-        raise ValueError(f"{OWNER}: `stages` must be an integer >= 2, got {stages!r}")
+        raise ValueError(f"{owner}: `stages` must be an integer >= 2, got {stages!r}")
+
+
+def split(x, on: bool):
+    """``(hi, lo)``: float32 ``x`` as two bfloat16 arrays with ``hi + lo = x`` to 16 mantissa
+    bits (``on``), or ``(x, None)``."""
+    if not on:
+        return x, None
+    hi = x.astype(SPLIT_DTYPE)
+    return hi, (x - hi.astype(jnp.float32)).astype(SPLIT_DTYPE)
 
 
 def _check_device() -> None:
@@ -70,17 +88,24 @@ def _check_device() -> None:
                          f"use another backend there")
 
 
-def _check_smem(q, v, blocks, stages, q_fields, k_fields, ctx_names) -> None:
-    """The kernel's SMEM (tiles, rows of int32 info and f32 context, barriers) fits sm_90a."""
+def smem_bytes(d, dv, blocks, stages, n_qi, n_ki, n_ctx, split_qk) -> int:
+    """The forward kernel's SMEM for 2-byte operands: operand tiles (and their low halves
+    with ``split_qk``), ``n_qi`` / ``n_ki`` int32 info rows, ``n_ctx`` f32 context rows,
+    barriers."""
     bq, bk = blocks
-    d, dv = q.shape[-1], (0 if v is None else v.shape[-1])
-    tiles = jnp.dtype(q.dtype).itemsize * (bq + stages * bk) * (d + dv)
-    rows = 4 * (bq * (1 + len(q_fields) + len(ctx_names)) + stages * bk * len(k_fields))
-    need = tiles + rows + 4096  # + barriers and alignment (measured: < 2.2 KiB)
-    if need > SMEM_BYTES:
-        raise ValueError(f"{OWNER}: tiles of {bq} x {bk} with {stages} stages at head_dim {d} "
-                         f"need about {need} bytes of shared memory, more than sm_90a's "
-                         f"{SMEM_BYTES}; use smaller blocks or fewer stages")
+    tiles = 2 * (bq + stages * bk) * (d + dv + (d if split_qk else 0))
+    rows = 4 * (bq * (1 + n_qi + n_ctx) + stages * bk * n_ki)
+    return tiles + rows + 4096  # + barriers and alignment (measured: < 2.2 KiB)
+
+
+def fitting_blocks(candidates, need, owner: str, what: str) -> tuple[int, int]:
+    """The first of ``candidates`` whose ``need(blocks)`` fits sm_90a's SMEM, else an error."""
+    for blocks in candidates:
+        if (bytes_ := need(blocks)) <= SMEM_BYTES:
+            return blocks
+    raise ValueError(f"{owner}: {what} tiles of {blocks[0]} x {blocks[1]} need about {bytes_} "
+                     f"bytes of shared memory, more than sm_90a's {SMEM_BYTES}; use smaller "
+                     f"blocks or fewer stages")
 
 
 def pack_lists(lists: block_sparse.BlockLists):
@@ -118,7 +143,7 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
                          q_positions, k_positions, q_segment_ids=None, kv_segment_ids=None,
                          bias: Bias | None = None,
                          block_sizes: BlockSizes | tuple[int, int] | None = None,
-                         stages: int = 2, interpret=None):
+                         stages: int = 2, split_qk: bool = False, interpret=None):
     """One forward pass: ``(out [B, Hq, Tq, Dv] float32 or None, lse [B, Hq, Tq] float32)``.
 
     Args:
@@ -132,10 +157,15 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
       q_segment_ids, kv_segment_ids: optional int32 ``[B, T]``.
       bias: optional additive score bias (``protocols.Bias``, e.g. ALiBi): ``t =
         log_weight(q k^T + bias)``, evaluated on every visited tile (FULL ones too).
-      block_sizes: ``BlockSizes.of(block_sizes).forward`` (default 128 x 128): ``block_q``
-        query rows per thread block (64 per compute warpgroup up to two warpgroups, or 128 per
-        warpgroup at 256) and ``block_k`` keys per kv block.
+      block_sizes: ``BlockSizes.of(block_sizes).forward``: ``block_q`` query rows per thread
+        block (64 per compute warpgroup up to two warpgroups, or 128 per warpgroup at 256)
+        and ``block_k`` keys per kv block; default: the first of ``DEFAULT_BLOCKS`` that fits
+        SMEM (128 x 128; 128 x 64 for split operands at head_dim 128).
       stages: SMEM slots of the K/V ring (>= 2).
+      split_qk: ``QK^T`` from split operands: q and k come in float32 and are split into
+        bfloat16 halves (``x = hi + lo`` to 16 mantissa bits), ``s = q_lo k^T + q k_lo^T +
+        q k^T`` (three WGMMAs instead of one; v bfloat16). For normalizers that amplify score
+        errors (LSSAR's power): bf16 scores move its gradients by ~10 %.
       interpret: None or False compiles for the GPU; True or an ``InterpretGPUParams`` runs the
         kernel in the Mosaic GPU interpreter (on CPU). The kernel specializes to it (register
         layouts are left out, and ``PV`` accumulates in registers instead of in place).
@@ -143,8 +173,14 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     The kernel's output is in q's dtype (normalized in float32 registers, rounded once); it is
     returned as float32 to keep the pass contract.
     """
-    blocks = DEFAULT_BLOCKS if block_sizes is None else BlockSizes.of(block_sizes).forward
-    check_inputs(q, k, v, blocks, stages)
+    d, dv = q.shape[-1], (0 if v is None else v.shape[-1])
+
+    def need(n_qi, n_ki):
+        return lambda blocks: smem_bytes(d, dv, blocks, stages, n_qi, n_ki, len(ctx), split_qk)
+
+    blocks = (fitting_blocks(DEFAULT_BLOCKS, need(MAX_FIELDS, MAX_FIELDS), OWNER, "forward")
+              if block_sizes is None else BlockSizes.of(block_sizes).forward)
+    check_inputs(q, k, v, blocks, stages, split_qk)
     b, hq, tq, _ = q.shape
     hk, tk = k.shape[1], k.shape[2]
     if hq % hk:
@@ -167,16 +203,18 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     ctx_names = tuple(ctx)
     ctx_arr = (jnp.stack([pad_axis(jnp.asarray(ctx[n], jnp.float32), tq_p, 2)
                           for n in ctx_names], axis=2) if ctx_names else None)
-    _check_smem(q, v, blocks, stages, q_fields, k_fields, ctx_names)
+    fitting_blocks([blocks], need(len(q_fields), len(k_fields)), OWNER, "forward")
     wgs = 2 if bq % (2 * WGMMA_M) == 0 and bq < 256 else max(bq // 128, 1)
     st = kernels.Static(
         mask=mask, normalizer=normalizer, pass_idx=pass_idx, ctx_names=ctx_names,
         q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0, k_offset=k_off or 0,
         rows=bq // wgs, block_k=bk, compute_wgs=wgs, stages=stages, kv_len=tk,
         kv_padded=tk_p != tk, group=hq // hk, with_values=v is not None,
-        interpret=bool(interpret), bias_fn=None if bias is None else bias.fn)
+        interpret=bool(interpret), bias_fn=None if bias is None else bias.fn,
+        split_qk=split_qk)
+    (q, q_lo), (k, k_lo) = split(pad_axis(q, tq_p, 2), split_qk), split(pad_axis(k, tk_p, 2),
+                                                                         split_qk)
     out, lse = kernels.forward_call(
-        st, pack_lists(lists), pad_axis(q, tq_p, 2), pad_axis(k, tk_p, 2),
-        None if v is None else pad_axis(v, tk_p, 2), ctx_arr, q_info, k_info, slopes,
-        interpret=interpret or None)
+        st, pack_lists(lists), q, k, None if v is None else pad_axis(v, tk_p, 2), ctx_arr,
+        q_info, k_info, slopes, (q_lo, k_lo), interpret=interpret or None)
     return (None if out is None else out[:, :, :tq].astype(jnp.float32)), lse[:, :, :tq]

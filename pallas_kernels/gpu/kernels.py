@@ -25,7 +25,9 @@ is the normalizer protocol's ``(m, l, acc)`` written out here with ops Mosaic GP
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 from typing import Any
 
 import jax
@@ -65,6 +67,7 @@ class Static:
     interpret: bool  # the Mosaic GPU interpreter: no layouts, plgpu.load, run_state, or WGMMA
     # with a transposed or register operand (plain dots of the same bf16 / fp16 operands)
     bias_fn: Any = None  # protocols.Bias.fn on the "bias" info rows and slopes[h] (ALiBi)
+    split_qk: bool = False  # QK^T from split operands: "q_lo" / "k_lo" beside "q" / "k"
 
     @property
     def block_q(self) -> int:
@@ -85,17 +88,55 @@ def load_ref(st: Static, ref, layout):
     return ref[...] if st.interpret else plgpu.load(ref, (), layout=layout)
 
 
-def qk_scores(st: Static, q_smem, k_smem, shape):
-    """``Q K^T`` in f32 (the interpreter's WGMMA takes no transposed operand: a plain dot)."""
+def qk_scores(st: Static, q_smem, k_smem, shape, lo=None):
+    """``Q K^T`` in f32 (the interpreter's WGMMA takes no transposed operand: a plain dot).
+
+    ``lo = (q_lo, k_lo)``: split operands (``x ~ x + x_lo``, each a bf16 tile, together 16
+    mantissa bits): ``q_lo k^T + q k_lo^T + q k^T`` into one accumulator, small terms first
+    (``q_lo k_lo^T`` is below float32's rounding of the sum and is left out).
+    """
+    pairs = ([] if lo is None else [(lo[0], k_smem), (q_smem, lo[1])]) + [(q_smem, k_smem)]
     if st.interpret:
-        return lax.dot_general(q_smem[...], k_smem[...], (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+        dots = [lax.dot_general(a[...], b[...], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) for a, b in pairs]
+        return functools.reduce(operator.add, dots)
 
     def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        for a, b in pairs:
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
         return acc_ref[...]
 
     return pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+
+
+def split_pair(r, q_at, k_at):
+    """``(q_lo, k_lo)`` SMEM tiles for ``qk_scores``, or None without split operands."""
+    return (r["q_lo_smem"].at[q_at], r["k_lo_smem"].at[k_at]) if "q_lo_smem" in r else None
+
+
+def copy_in(r, name, index, at):
+    """TMA ``r[name].at[index]`` into SMEM tile ``at`` of ``name`` on its own barrier (if the
+    kernel has ``name``)."""
+    if name in r:
+        plgpu.copy_gmem_to_smem(r[name].at[index], r[f"{name}_smem"].at[at],
+                                r[f"{name}_bar"].at[at])
+
+
+def wait_for(r, name, at):
+    """Wait for ``copy_in(r, name, ..., at)`` (nothing if the kernel has no ``name``)."""
+    if f"{name}_bar" in r:
+        plgpu.barrier_wait(r[f"{name}_bar"].at[at])
+
+
+def split_scratch(st: Static, q_tiles, k_tiles, dtype, d):
+    """SMEM tiles and barriers of the low halves: ``q_tiles`` / ``k_tiles`` are
+    ``(count, rows)`` of the kernel's q and k tiles; empty without split operands."""
+    if not st.split_qk:
+        return {}
+    return {"q_lo_smem": smem_tile((*q_tiles, d), dtype),
+            "k_lo_smem": smem_tile((*k_tiles, d), dtype),
+            "q_lo_bar": plgpu.Barrier(num_barriers=q_tiles[0]),
+            "k_lo_bar": plgpu.Barrier(num_barriers=k_tiles[0])}
 
 
 def _tile_vector(x, shape, dim):
@@ -153,6 +194,7 @@ def _compute(st: Static, r, b, h, i, wg, count):
     row0 = i * st.block_q + wg * st.rows
     rows = pl.ds(row0, st.rows)
     plgpu.copy_gmem_to_smem(r["q"].at[b, h, rows], q_smem, r["q_bar"].at[wg])
+    copy_in(r, "q_lo", (b, h, rows), wg)
     if "q_info" in r:
         plgpu.copy_gmem_to_smem(r["q_info"].at[b, :, rows], r["qi_smem"].at[wg],
                                 r["qi_bar"].at[wg])
@@ -166,6 +208,7 @@ def _compute(st: Static, r, b, h, i, wg, count):
         ctx = {n: _tile_vector(load_ref(st, r["ctx_smem"].at[wg, c], ROW), shape, 0)
                for c, n in enumerate(st.ctx_names)}
     plgpu.barrier_wait(r["q_bar"].at[wg])
+    wait_for(r, "q_lo", wg)
     dv = r["v"].shape[-1] if st.with_values else 0
 
     def step(s, carry):
@@ -175,8 +218,8 @@ def _compute(st: Static, r, b, h, i, wg, count):
         col0 = lax.div(entry, 2) * st.block_k
         full = lax.rem(entry, 2) == 1
         plgpu.barrier_wait(r["k_bar"].at[slot])
-
-        scores = qk_scores(st, q_smem, r["k_smem"].at[slot], shape)
+        wait_for(r, "k_lo", slot)
+        scores = qk_scores(st, q_smem, r["k_smem"].at[slot], shape, split_pair(r, wg, slot))
         plgpu.barrier_arrive(r["k_free"].at[slot])
         if "ki_bar" in r:
             plgpu.barrier_wait(r["ki_bar"].at[slot])
@@ -244,6 +287,7 @@ def memory_warpgroup(st: Static, r, b, h, i, count):
 
         plgpu.copy_gmem_to_smem(r["k"].at[b, hk, cols], r["k_smem"].at[slot],
                                 r["k_bar"].at[slot])
+        copy_in(r, "k_lo", (b, hk, cols), slot)
 
         @pl.when(s >= st.stages)
         def _wait_rest():
@@ -279,18 +323,18 @@ def smem_tile(shape, dtype):
                                                 plgpu.SwizzleTransform(128)))
 
 
-def forward_call(st: Static, lists, q, k, v, ctx, q_info, k_info, slopes=None, *,
-                 interpret=None):
+def forward_call(st: Static, lists, q, k, v, ctx, q_info, k_info, slopes=None, lo=(None, None),
+                 *, interpret=None):
     """``(out [B, Hq, Tq, Dv] in q's dtype or None, lse [B, Hq, Tq] f32)`` of one pass.
 
     ``lists``: int32 ``[Tq / block_q, W]`` (``pack_lists``); ``ctx``: f32 ``[B, Hq, C, Tq]``
     or None; ``q_info`` / ``k_info``: int32 ``[B, F, T]`` or None; ``slopes``: f32 ``[Hq]``
-    with ``st.bias_fn``.
+    with ``st.bias_fn``; ``lo``: the low halves ``(q_lo, k_lo)`` with ``st.split_qk``.
     """
     b, hq, tq, d = q.shape
     dtype = q.dtype
     ins = {"lists": lists, "q": q, "k": k, "v": v if st.with_values else None, "ctx": ctx,
-           "q_info": q_info, "k_info": k_info, "slopes": slopes}
+           "q_info": q_info, "k_info": k_info, "slopes": slopes, "q_lo": lo[0], "k_lo": lo[1]}
     ins = {n: a for n, a in ins.items() if a is not None}
     outs = {"lse": jax.ShapeDtypeStruct((b, hq, tq), jnp.float32)}
     wgs, stages = st.compute_wgs, st.stages
@@ -300,7 +344,8 @@ def forward_call(st: Static, lists, q, k, v, ctx, q_info, k_info, slopes=None, *
                "q_bar": plgpu.Barrier(num_barriers=wgs),
                "k_bar": plgpu.Barrier(num_barriers=stages),
                "k_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-               "v_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)}
+               "v_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+               **split_scratch(st, (wgs, st.rows), (stages, st.block_k), dtype, d)}
     if st.with_values:
         dv = v.shape[-1]
         outs = {"o": jax.ShapeDtypeStruct((b, hq, tq, dv), dtype), **outs}
