@@ -182,7 +182,8 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
         the query's segment (packing).
       backend: a name from ``lcattn.backends``: ``"reference"`` (dense oracle), ``"xla"``
         (blockwise, skips empty tiles), ``"pallas_tpu"`` (Mosaic TPU block-sparse kernels),
-        ``"pallas_gpu"`` (Mosaic GPU forward kernel, bf16 operands, gradients from ``xla``),
+        ``"pallas_gpu"`` (Mosaic GPU forward, dQ and dK/dV kernels for sm_90a, bf16 operands;
+        LSSAR's ``QKᵀ`` from split float32 operands),
         ``"cudnn"`` (jax's cuDNN attention, for the specs it expresses), or ``"auto"``
         (``lcattn.backends.AUTO``: ``xla`` on every platform today).
       interpret: for Pallas backends: run in interpret mode; None = when not on their

@@ -168,23 +168,48 @@ def test_log_weight_reads_the_row_context():
 @pytest.mark.parametrize("d", [64, 128])
 def test_lowers_for_cuda(d, dtype):
     """The compiled kernel (WGMMA, layouts, SMEM budget) lowers for sm_90a without a GPU:
-    iota positions, GMEM positions + segment ids, an lse-only pass, softcap."""
+    iota positions, GMEM positions + segment ids, an lse-only pass, softcap, ping-pong."""
     t, hq, hk = 1024, 4, 2
     pos = _iota(t)
     q, k = (jax.ShapeDtypeStruct((B, h, t, d), dtype) for h in (hq, hk))
     ids = jax.ShapeDtypeStruct((B, t), jnp.int32)
 
-    def fwd(q, k, v, p, seg, *, values=True, traced=False, norm=N.Softmax()):
+    def fwd(q, k, v, p, seg, *, values=True, traced=False, norm=N.Softmax(), pingpong=False):
         where = dict(q_positions=p, k_positions=p, q_segment_ids=seg, kv_segment_ids=seg) \
             if traced else dict(q_positions=pos, k_positions=pos)
         return gpu.flash_attention_pass(q, k, v if values else None, {}, mask=M.Lambda(256, 64),
-                                        normalizer=norm, block_sizes=(128, 128), **where)
+                                        normalizer=norm, block_sizes=(128, 128),
+                                        pingpong=pingpong, **where)
 
     for kw in ({}, {"traced": True}, {"values": False}, {"norm": N.Softmax(softcap=20.0)},
-               {"norm": N.VisibleCount()}):
+               {"norm": N.VisibleCount()}, {"pingpong": True}, {"pingpong": True, "values": False}):
         lowered = jax.jit(lambda *a: fwd(*a, **kw)).trace(q, k, k, ids, ids).lower(
             lowering_platforms=("cuda",))
         assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_pingpong_schedule_runs_and_changes_nothing():
+    """The ping-pong barrier between the two compute warpgroups in the interpreter (which
+    simulates barrier arrivals and waits): the same output and lse bit for bit as without it,
+    Λ-mask with FULL and PARTIAL tiles, GQA. A protocol whose warpgroups pass the barrier
+    unequally often deadlocks the interpreter, so the call runs in a thread with a deadline."""
+    import threading
+
+    q, k, v = _inputs(10, 2, 1)
+    got = {}
+
+    def run():
+        got["pp"] = _run(q, k, v, M.Lambda(64, 16), (128, 64), pingpong=True)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=240)
+    assert "pp" in got, "the ping-pong kernel did not finish (deadlock?)"
+    plain = _run(q, k, v, M.Lambda(64, 16), (128, 64), pingpong=False)
+    for a, b in zip(got["pp"], plain):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="pingpong=True needs two compute warpgroups"):
+        _run(q, k, v, M.Causal(), (64, 64), pingpong=True)
 
 
 def test_shared_memory_overflow_is_caught(monkeypatch):

@@ -7,26 +7,33 @@ Run on one H100 / H200 (from the repository root)::
 
 bf16, D = 128, B = 1, Hq = 32, Hkv in ``--kv_heads`` (32, 8), T in ``--seq_lens`` (4k, 16k,
 64k); masks Causal, Local(4096), Λ(4096, 64); ``forward`` and ``forward_backward``
-(``value_and_grad`` of a weighted sum w.r.t. q, k, v). Implementations, each timed in the
-same run:
+(``value_and_grad`` of a weighted sum w.r.t. q, k, v); no position encoding (``NoPE``, as
+the cuDNN and ``mgpu`` calls have none). Implementations, each timed in the same run:
 
 * ``pallas_gpu``: ``lcattn.attend(backend="pallas_gpu")`` (Mosaic GPU forward, dQ and dK/dV
   kernels);
 * ``xla``: ``lcattn.attend(backend="xla")``;
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, causal; for Local and
   Λ its sliding window of 4096 (a bound: Λ's 64 sink columns are not in it);
-* ``mgpu``: jax's own ``pallas/ops/gpu/attention_mgpu.attention`` (forward, Causal only).
+* ``mgpu``: jax's own ``pallas/ops/gpu/attention_mgpu.attention`` (forward, Causal only);
+* ``kernel`` / ``kernel_pingpong``: ``pallas_kernels.gpu.flash_attention_pass`` called
+  directly (forward, Softmax, at the smallest ``--kv_heads``) without and with the ping-pong
+  schedule between its two compute warpgroups: the measurement that decides
+  ``pallas_kernels.gpu.flash_attention.PINGPONG``.
 
 Per run: median seconds, TFLOP/s on the *visible pairs* (``4 D`` flops per visible pair
 forward, 2.5× that backward, the FlashAttention convention) and on the *visited tiles* of the
 128 × 128 block lists, its % of 989 TFLOP/s (H100/H200 dense bf16), and the max |error| of
 the output against ``xla``. ``--smoke``: tiny shapes on CPU (the Mosaic GPU interpreter;
 cuDNN and ``mgpu`` skipped) to check that the script runs. Progress lines with an ETA go to
-stderr.
+stderr; with ``--out``, the rows so far are written there after every case (a run cut
+short by a time limit keeps them).
 """
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import platform
 import time
 
@@ -38,8 +45,8 @@ from absl import app, flags
 
 import lcattn
 from experiments.benchmarks.timing import compile_and_time, emit, log
-from lcattn import masks
-from pallas_kernels import block_sparse
+from lcattn import masks, normalizers, positions
+from pallas_kernels import block_sparse, gpu
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,6 +57,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per run.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes on CPU (interpreter): a script check.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON report here (and a PNG).")
 PEAK_TFLOPS = 989.0
+FORWARD_ONLY = ("mgpu", "kernel", "kernel_pingpong")
 BLOCK = 128
 
 
@@ -66,11 +74,30 @@ def _pairs(mask, t: int) -> tuple[int, int]:
     return visible, int(np.sum(tiles != 0)) * min(BLOCK, t) ** 2
 
 
-def _impls(mask_name: str, mask, window: int, d: int, smoke: bool) -> dict:
+def _kernel_forward(mask, t: int, pingpong: bool):
+    """The Mosaic GPU forward kernel itself on ``[B, T, H, D]`` inputs (softmax)."""
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (1, t))
+    heads = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+
+    def run(q, k, v):
+        out, _ = gpu.flash_attention_pass(
+            heads(q * q.shape[-1] ** -0.5), heads(k), heads(v), {}, mask=mask,
+            normalizer=normalizers.Softmax(), q_positions=pos, k_positions=pos,
+            pingpong=pingpong, interpret=None if jax.default_backend() == "gpu" else True)
+        return heads(out)
+
+    return run
+
+
+def _impls(mask_name: str, mask, window: int, d: int, smoke: bool, t: int,
+           kernels: bool) -> dict:
     """name -> f(q, k, v) in [B, T, H, D] for this mask (those that can run it)."""
-    spec = lcattn.AttentionSpec(mask=mask)
+    spec = lcattn.AttentionSpec(mask=mask, position=positions.NoPE())  # as cuDNN and mgpu
     impls = {b: (lambda q, k, v, b=b: lcattn.attend(q, k, v, spec, backend=b))
              for b in ("xla", "pallas_gpu")}  # xla first: the others' error is against it
+    if kernels:
+        impls["kernel"] = _kernel_forward(mask, t, False)
+        impls["kernel_pingpong"] = _kernel_forward(mask, t, True)
     if smoke:
         return impls
     window_kw = {} if mask_name == "causal" else dict(local_window_size=(window - 1, 0))
@@ -100,9 +127,10 @@ def run_rows() -> list[dict]:
         visible, visited = _pairs(mask, t)
         fwd_flops = 4 * hq * d
         reference = None
-        for impl, fn in _impls(name, mask, window, d, smoke).items():
+        impls = _impls(name, mask, window, d, smoke, t, hk == min(kv_heads))
+        for impl, fn in impls.items():
             for mode in ("forward", "forward_backward"):
-                if impl == "mgpu" and mode == "forward_backward":
+                if impl in FORWARD_ONLY and mode == "forward_backward":
                     continue
                 run = fn if mode == "forward" else jax.value_and_grad(
                     lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) * cot),
@@ -128,6 +156,9 @@ def run_rows() -> list[dict]:
                         row["max_abs_error_vs_xla"] = float(jnp.max(jnp.abs(
                             out.astype(jnp.float32) - reference.astype(jnp.float32))))
                 rows.append(row)
+        if _OUT.value:  # the rows so far, in case a time limit cuts the run
+            pathlib.Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
+            pathlib.Path(_OUT.value).write_text(json.dumps({"partial": True, "rows": rows}))
         done = time.perf_counter() - t0
         log(f"case {i + 1}/{len(cases)} ({name} T={t} Hkv={hk}) done; "
             f"{done:.0f}s elapsed, ETA {done / (i + 1) * (len(cases) - i - 1):.0f}s")

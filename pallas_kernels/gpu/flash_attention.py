@@ -33,6 +33,7 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 SPLIT_DTYPE = jnp.dtype(jnp.bfloat16)  # the halves of split_qk's q and k
 HEAD_DIMS = (64, 128, 192, 256)
 DEFAULT_BLOCKS = ((128, 128), (128, 64), (64, 64))  # the first that fits SMEM
+PINGPONG = False  # the default schedule until attention_gpu has measured both on a GPU
 MAX_FIELDS = 3  # info rows per side at most (positions, segment ids, bias positions)
 SMEM_BYTES = 227 * 1024  # sm_90a's shared memory per thread block
 OWNER = "pallas_kernels.gpu.flash_attention_pass"
@@ -143,7 +144,8 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
                          q_positions, k_positions, q_segment_ids=None, kv_segment_ids=None,
                          bias: Bias | None = None,
                          block_sizes: BlockSizes | tuple[int, int] | None = None,
-                         stages: int = 2, split_qk: bool = False, interpret=None):
+                         stages: int = 2, split_qk: bool = False, pingpong: bool | None = None,
+                         interpret=None):
     """One forward pass: ``(out [B, Hq, Tq, Dv] float32 or None, lse [B, Hq, Tq] float32)``.
 
     Args:
@@ -166,6 +168,8 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
         bfloat16 halves (``x = hi + lo`` to 16 mantissa bits), ``s = q_lo k^T + q k_lo^T +
         q k^T`` (three WGMMAs instead of one; v bfloat16). For normalizers that amplify score
         errors (LSSAR's power): bf16 scores move its gradients by ~10 %.
+      pingpong: the two compute warpgroups of a 128-row tile take turns on the tensor cores
+        (FlashAttention-3's schedule; needs ``block_q = 128``); None: ``PINGPONG``.
       interpret: None or False compiles for the GPU; True or an ``InterpretGPUParams`` runs the
         kernel in the Mosaic GPU interpreter (on CPU). The kernel specializes to it (register
         layouts are left out, and ``PV`` accumulates in registers instead of in place).
@@ -205,13 +209,17 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
                           for n in ctx_names], axis=2) if ctx_names else None)
     fitting_blocks([blocks], need(len(q_fields), len(k_fields)), OWNER, "forward")
     wgs = 2 if bq % (2 * WGMMA_M) == 0 and bq < 256 else max(bq // 128, 1)
+    pingpong = PINGPONG and wgs == 2 if pingpong is None else pingpong
+    if pingpong and wgs != 2:
+        raise ValueError(f"{OWNER}: pingpong=True needs two compute warpgroups (block_q = 128), "
+                         f"got block_q = {bq}")
     st = kernels.Static(
         mask=mask, normalizer=normalizer, pass_idx=pass_idx, ctx_names=ctx_names,
         q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0, k_offset=k_off or 0,
         rows=bq // wgs, block_k=bk, compute_wgs=wgs, stages=stages, kv_len=tk,
         kv_padded=tk_p != tk, group=hq // hk, with_values=v is not None,
         interpret=bool(interpret), bias_fn=None if bias is None else bias.fn,
-        split_qk=split_qk)
+        split_qk=split_qk, pingpong=pingpong)
     (q, q_lo), (k, k_lo) = split(pad_axis(q, tq_p, 2), split_qk), split(pad_axis(k, tk_p, 2),
                                                                          split_qk)
     out, lse = kernels.forward_call(

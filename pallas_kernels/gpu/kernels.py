@@ -68,6 +68,7 @@ class Static:
     # with a transposed or register operand (plain dots of the same bf16 / fp16 operands)
     bias_fn: Any = None  # protocols.Bias.fn on the "bias" info rows and slopes[h] (ALiBi)
     split_qk: bool = False  # QK^T from split operands: "q_lo" / "k_lo" beside "q" / "k"
+    pingpong: bool = False  # two compute warpgroups take turns on the tensor cores
 
     @property
     def block_q(self) -> int:
@@ -88,22 +89,27 @@ def load_ref(st: Static, ref, layout):
     return ref[...] if st.interpret else plgpu.load(ref, (), layout=layout)
 
 
-def qk_scores(st: Static, q_smem, k_smem, shape, lo=None):
+def qk_scores(st: Static, q_smem, k_smem, shape, lo=None, issued=None):
     """``Q K^T`` in f32 (the interpreter's WGMMA takes no transposed operand: a plain dot).
 
     ``lo = (q_lo, k_lo)``: split operands (``x ~ x + x_lo``, each a bf16 tile, together 16
     mantissa bits): ``q_lo k^T + q k_lo^T + q k^T`` into one accumulator, small terms first
-    (``q_lo k_lo^T`` is below float32's rounding of the sum and is left out).
+    (``q_lo k_lo^T`` is below float32's rounding of the sum and is left out). ``issued``:
+    called once the WGMMAs are issued, before waiting for them (the ping-pong handover).
     """
     pairs = ([] if lo is None else [(lo[0], k_smem), (q_smem, lo[1])]) + [(q_smem, k_smem)]
     if st.interpret:
         dots = [lax.dot_general(a[...], b[...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) for a, b in pairs]
+        if issued is not None:
+            issued()
         return functools.reduce(operator.add, dots)
 
     def qk(acc_ref):
         for a, b in pairs:
             plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+        if issued is not None:
+            issued()
         return acc_ref[...]
 
     return pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
@@ -188,8 +194,22 @@ def _visible(st: Static, r, wg, row0, slot, col0, shape):
 
 
 def _compute(st: Static, r, b, h, i, wg, count):
-    """One compute warpgroup: ``rows`` query rows against the tile's kv list."""
+    """One compute warpgroup: ``rows`` query rows against the tile's kv list.
+
+    Ping-pong (``st.pingpong``, two compute warpgroups; FlashAttention-3's schedule): a
+    barrier both warpgroups pass twice per step, once after issuing ``QK^T`` and once after
+    the softmax, with warpgroup 1 one pass behind; so one warpgroup's softmax runs while the
+    other's matmuls hold the tensor cores. Both walk the same list (the same ``count``) and
+    pass it ``2 count + 1`` times.
+    """
     plgpu.set_max_registers(232, action="increase")
+    turn = None
+    if st.pingpong:
+        def turn():
+            plgpu.barrier_arrive(r["schedule"])
+            plgpu.barrier_wait(r["schedule"])
+
+        pl.when(wg == 1)(turn)
     q_smem = r["q_smem"].at[wg]
     row0 = i * st.block_q + wg * st.rows
     rows = pl.ds(row0, st.rows)
@@ -219,7 +239,8 @@ def _compute(st: Static, r, b, h, i, wg, count):
         full = lax.rem(entry, 2) == 1
         plgpu.barrier_wait(r["k_bar"].at[slot])
         wait_for(r, "k_lo", slot)
-        scores = qk_scores(st, q_smem, r["k_smem"].at[slot], shape, split_pair(r, wg, slot))
+        scores = qk_scores(st, q_smem, r["k_smem"].at[slot], shape, split_pair(r, wg, slot),
+                           issued=turn)
         plgpu.barrier_arrive(r["k_free"].at[slot])
         if "ki_bar" in r:
             plgpu.barrier_wait(r["ki_bar"].at[slot])
@@ -236,14 +257,21 @@ def _compute(st: Static, r, b, h, i, wg, count):
         alpha = jnp.exp2(m * LOG2E - m_safe)
         p = jnp.exp2(t * LOG2E - _tile_vector(m_safe, shape, 0))
         l = l * alpha + p.sum(axis=1)
+        p_lo = p.astype(r["v"].dtype) if st.with_values else None
+        if st.with_values:
+            acc = acc * _tile_vector(alpha, acc.shape, 0)
+        if st.pingpong:  # softmax done (kept before the handover), then wait for a turn
+            if not st.interpret:
+                acc, l, m_new, p_lo = lax.optimization_barrier((acc, l, m_new, p_lo))
+            plgpu.barrier_arrive(r["schedule"])
         if st.with_values:
             plgpu.barrier_wait(r["v_bar"].at[slot])
-            p_lo = p.astype(r["v"].dtype)
-
+        if st.pingpong:
+            plgpu.barrier_wait(r["schedule"])
+        if st.with_values:
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, p_lo, r["v_smem"].at[slot])
 
-            acc = acc * _tile_vector(alpha, acc.shape, 0)
             if st.interpret:  # its WGMMA takes no register operand: a plain dot
                 acc = acc + jnp.dot(p_lo, r["v_smem"].at[slot][...],
                                     preferred_element_type=jnp.float32)
@@ -257,6 +285,8 @@ def _compute(st: Static, r, b, h, i, wg, count):
     acc = (cast_layout(st, jnp.full((st.rows, dv), 0.0, jnp.float32), plgpu.Layout.WGMMA)
            if st.with_values else None)
     m, l, acc = lax.fori_loop(0, count, step, (m, l, acc))
+    if st.pingpong:
+        pl.when(wg == 0)(turn)
     live = l > 0.0
     inv = jnp.where(live, 1.0 / jnp.where(live, l, 1.0), 0.0)
     lse_smem = r["lse_smem"].at[wg]
@@ -346,6 +376,8 @@ def forward_call(st: Static, lists, q, k, v, ctx, q_info, k_info, slopes=None, l
                "k_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
                "v_free": plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
                **split_scratch(st, (wgs, st.rows), (stages, st.block_k), dtype, d)}
+    if st.pingpong:
+        scratch["schedule"] = plgpu.Barrier(num_arrivals=wgs)
     if st.with_values:
         dv = v.shape[-1]
         outs = {"o": jax.ShapeDtypeStruct((b, hq, tq, dv), dtype), **outs}
