@@ -310,41 +310,44 @@ def test_split_operands():
                                  q_positions=_iota(128), k_positions=_iota(128), split_qk=True)
 
 
-@pytest.mark.parametrize("spec", [
-    lcattn.AttentionSpec(M.Causal()),
-    lcattn.AttentionSpec(M.Lambda(32, 8), distance_limit=32),
-    lcattn.AttentionSpec(M.Causal(), N.Softplus()),
-    lcattn.AttentionSpec(M.Causal(), N.Reweighted()),
-    lcattn.AttentionSpec(M.Chunked(48), N.Reweighted(p=3)),
-    lcattn.AttentionSpec(M.Local(40), N.Softplus()),
-], ids=["softmax-causal", "softmax-lambda-limit", "lssa", "lssar", "chunked-lssar-p3",
-        "local-lssa"])
-def test_backend_equals_the_reference(spec, monkeypatch):
+@pytest.mark.parametrize("spec,segments", [
+    (lcattn.AttentionSpec(M.Causal()), False),
+    (lcattn.AttentionSpec(M.Lambda(32, 8), distance_limit=32), False),
+    (lcattn.AttentionSpec(M.Causal(), N.Softplus()), False),
+    (lcattn.AttentionSpec(M.Causal(), N.Reweighted()), False),
+    (lcattn.AttentionSpec(M.Full(), N.Reweighted()), True),
+    (lcattn.AttentionSpec(M.Chunked(48), N.Softplus()), False),
+    (lcattn.AttentionSpec(M.Local(40), N.Softplus()), False),
+], ids=["softmax-causal", "softmax-lambda-limit", "lssa", "lssar", "full-segments-lssar",
+        "chunked-lssa", "local-lssa"])
+def test_backend_equals_the_reference(spec, segments, monkeypatch):
     """``attend(backend="pallas_gpu")`` (interpreter off GPU) over float32 inputs: the kernels'
     bf16 operands keep the output within 5e-2 of the float32 reference (LM-Infinite's two
-    branches, LSSA's count, LSSAR's two passes all go through them). Gradients through the
-    dQ and dK/dV kernels (for Softmax, and LSSAR whose pass 1 differentiates through the row
-    context ``lse`` of pass 0) within 3 % of the largest reference gradient; LSSAR at p = 15
-    only with its split ``QKᵀ`` operands (bf16 scores fail the gradient check). Two query heads
-    on one kv head (GQA at its cheapest: the interpreter's time grows with the heads)."""
+    branches, LSSA's count, LSSAR's two passes, segment ids all go through them). Gradients
+    through the dQ and dK/dV kernels (LSSAR's pass 1 differentiates through the row context
+    ``lse`` of pass 0) within 3 % of the largest reference gradient; LSSAR at p = 15 only with
+    its split ``QKᵀ`` operands (bf16 scores fail the gradient check). Two query heads on one
+    kv head (GQA at its cheapest: the interpreter's time grows with the heads)."""
+    from lcattn.backends import pallas_gpu
+
     q, k, v = (jnp.swapaxes(x.astype(jnp.float32), 1, 2) for x in _inputs(7, 2, 1, t=128))
-    out = lcattn.attend(q, k, v, spec, backend="pallas_gpu", block_sizes=(64, 64))
-    ref = lcattn.attend(q, k, v, spec, backend="reference")
+    seg = jnp.asarray(np.repeat([0, 1, 2], [50, 40, 38])[None], jnp.int32)
+    kw = dict(q_segment_ids=seg, kv_segment_ids=seg) if segments else {}
+    out = lcattn.attend(q, k, v, spec, backend="pallas_gpu", block_sizes=(64, 64), **kw)
+    ref = lcattn.attend(q, k, v, spec, backend="reference", **kw)
     np.testing.assert_allclose(out, ref, atol=5e-2)
     assert float(jnp.mean(jnp.abs(out - ref))) < 1e-2
-    if spec.distance_limit is None and spec.normalizer != N.Softplus():
-        from lcattn.backends import pallas_gpu
-
-        calls, kernel_bwd = [], pallas_gpu.flash_attention_bwd
-        monkeypatch.setattr(pallas_gpu, "flash_attention_bwd",
-                            lambda *a, **kw: calls.append(1) or kernel_bwd(*a, **kw))
-        cot = jnp.asarray(np.random.default_rng(8).normal(size=q.shape), jnp.float32)
-        grads, ref_grads = (jax.grad(lambda q, k, v, b=b: jnp.sum(lcattn.attend(
-            q, k, v, spec, backend=b, block_sizes=(64, 64)) * cot), argnums=(0, 1, 2))(q, k, v)
-            for b in ("pallas_gpu", "reference"))
-        for g, r in zip(grads, ref_grads):
-            np.testing.assert_allclose(g, r, atol=0.03 * float(jnp.max(jnp.abs(r))))
-        assert len(calls) == spec.normalizer.num_passes  # the kernels ran, once per pass
+    calls, kernel_bwd = [], pallas_gpu.flash_attention_bwd
+    monkeypatch.setattr(pallas_gpu, "flash_attention_bwd",
+                        lambda *a, **kw: calls.append(1) or kernel_bwd(*a, **kw))
+    cot = jnp.asarray(np.random.default_rng(8).normal(size=q.shape), jnp.float32)
+    grads, ref_grads = (jax.grad(lambda q, k, v, b=b: jnp.sum(lcattn.attend(
+        q, k, v, spec, backend=b, block_sizes=(64, 64), **kw) * cot), argnums=(0, 1, 2))(q, k, v)
+        for b in ("pallas_gpu", "reference"))
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=0.03 * float(jnp.max(jnp.abs(r))))
+    branches = 1 if spec.distance_limit is None else 2  # LM-Infinite: window and sinks
+    assert len(calls) == spec.normalizer.num_passes * branches  # the kernels ran
 
 
 def test_alibi_in_the_kernels_forward_and_gradients():
