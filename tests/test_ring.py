@@ -171,6 +171,40 @@ def test_pallas_tpu_kernels_as_the_ring_local_backend():
         np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-4)
 
 
+def test_pallas_gpu_kernels_as_the_ring_local_backend():
+    """The Mosaic GPU kernels as the ring's pass. The interpreter runs them inside
+    ``shard_map`` only on a one-device ``context`` axis (over two host devices jax 0.10's
+    interpreter deadlocks: its shared memory is simulated per process): output and gradients
+    equal the reference there, with ``check_vma`` on (the kernels' outputs and the custom VJP's
+    gradients typed as varying like their inputs). Over ``context=2``, forward and backward
+    (LSSAR: two passes, split ``QKᵀ``) lower for CUDA."""
+    rows = P(None, "context")
+    cot_rng = np.random.default_rng(3)
+
+    def sharded(spec, n, interpret):
+        mesh = sharding.make_mesh(context=n, devices=jax.devices()[:n])
+        return jax.shard_map(lambda q, k, v: lcattn.attend(
+            q, k, v, spec, backend="pallas_gpu", block_sizes=(64, 64), context_axis="context",
+            interpret=interpret), mesh=mesh, in_specs=(rows,) * 3, out_specs=rows)
+
+    def loss(f, cot):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v) * cot), argnums=(0, 1, 2))
+
+    spec = lcattn.AttentionSpec(mask=masks.Causal())
+    q, k, v = qkv(11, 1, 128, 128, 2, 1, 64)
+    cot = jnp.asarray(cot_rng.normal(size=q.shape), jnp.float32)
+    out, grads = jax.jit(loss(sharded(spec, 1, True), cot))(q, k, v)
+    ref, ref_grads = loss(lambda q, k, v: lcattn.attend(q, k, v, spec, backend="reference"),
+                          cot)(q, k, v)
+    np.testing.assert_allclose(out, ref, rtol=1e-2)
+    for g, r in zip(grads, ref_grads):  # bf16 operands: within 3 % of the largest entry
+        np.testing.assert_allclose(g, r, atol=0.03 * float(jnp.max(jnp.abs(r))))
+    lssar = lcattn.AttentionSpec(mask=masks.Causal(), normalizer=normalizers.Reweighted())
+    lowered = jax.jit(loss(sharded(lssar, 2, False), cot)).trace(q, k, v).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("mosaic_gpu") >= 6  # forward, dQ, dK/dV of both passes
+
+
 def test_ring_needs_shard_map_and_a_streaming_backend():
     q, k, v = qkv(5, 1, 16, 16, 2, 2, 8)
     spec = SPECS["causal"]

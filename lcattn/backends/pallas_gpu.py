@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from lcattn.backends import xla
 from lcattn.positions import alibi_bias
+from lcattn.sharding import varying_like
 from pallas_kernels import gpu
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.gpu.backward import flash_attention_bwd
@@ -65,7 +66,7 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
         def kernel(q, k, v, ctx):
             out, lse = gpu.flash_attention_pass(qk(q), qk(k), cast(v),
                                                 {n: first(c) for n, c in ctx.items()}, **where)
-            return first(out), jnp.swapaxes(lse, 1, 2)
+            return varying_like((first(out), jnp.swapaxes(lse, 1, 2)), q, k, v, ctx)
 
         @jax.custom_vjp
         def attend_pass(q, k, v, ctx):
@@ -83,8 +84,10 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
                 jnp.swapaxes(lse, 1, 2), first(dout), jnp.swapaxes(dlse, 1, 2), **where)
             dctx = {n: (jnp.zeros_like(c) if dctx is None else first(dctx[n]))
                     for n, c in ctx.items()}
-            return (first(dq).astype(q.dtype), first(dk).astype(k.dtype),
-                    None if v is None else first(dv).astype(v.dtype), dctx)
+            grads = (first(dq).astype(q.dtype), first(dk).astype(k.dtype),
+                     None if v is None else first(dv).astype(v.dtype), dctx)
+            # inside shard_map (ring attention): each typed as varying like its primal
+            return tuple(jax.tree.map(varying_like, g, x) for g, x in zip(grads, (q, k, v, ctx)))
 
         attend_pass.defvjp(forward, backward)
         return attend_pass(q, k, v, ctx)
