@@ -5,7 +5,7 @@
 # repository root, through the device tool:
 #   run(command="bash experiments/benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # .whl: wheels the device image lacks (gin-config, grain and its needs, tensorboardX), made
-# here with the device README's `pip download` recipe; only steps 4-5 need them.
+# here by `bash experiments/benchmarks/gpu_wheels.sh` (4.5 MB); only steps 4-5 need them.
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
