@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.vma import varying_struct
+
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
@@ -326,28 +328,16 @@ def _call(st: Static, body, name, sched, heads, ins, outs, scratch, cost):
         name=name)(*(getattr(sched, n) for n in _SCHEDULE), *ins.arrays)
 
 
+def _out(shape, arrays) -> jax.ShapeDtypeStruct:
+    """A float32 output typed like ``arrays`` inside ``jax.shard_map``."""
+    return varying_struct(shape, jnp.float32, arrays)
+
+
 def _grad_inputs(st: Static, ins: _Specs, rows, residuals):
     do, lse, base = residuals
     ins.add("do", do if st.with_values else None, rows(do) if st.with_values else None)
     ins.add("lse", lse, rows(lse))
     ins.add("base", base, rows(base))
-
-
-def _out(shape, arrays) -> jax.ShapeDtypeStruct:
-    """A float32 output of ``shape`` typed like ``arrays`` inside ``jax.shard_map``: varying
-    over the manual mesh axes they vary over (``check_vma`` needs it; a no-op elsewhere)."""
-    axes = set()
-    for x in (a for a in arrays if a is not None):
-        aval = jax.typeof(x)  # jax 0.10: manual_axis_type.varying; later releases: vma
-        mat = getattr(aval, "manual_axis_type", None)
-        axes |= set(mat.varying if mat is not None else getattr(aval, "vma", ()) or ())
-    if not axes:
-        return jax.ShapeDtypeStruct(shape, jnp.float32)
-    mat = getattr(jax.typeof(arrays[0]), "manual_axis_type", None)
-    if mat is not None:
-        return jax.ShapeDtypeStruct(shape, jnp.float32,
-                                    manual_axis_type=mat.update(varying=frozenset(axes)))
-    return jax.ShapeDtypeStruct(shape, jnp.float32, vma=frozenset(axes))
 
 
 def forward_call(st: Static, sched, arrays, cost):
