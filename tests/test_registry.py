@@ -10,8 +10,9 @@ from lcattn.model import DecoderLM
 
 def test_names_and_kinds():
     assert lcattn.BACKENDS == backends.names() == ("auto", "reference", "xla", "pallas_tpu",
-                                                   "pallas_gpu", "cudnn")
+                                                   "pallas_gpu", "cudnn", "pallas_triton")
     assert not backends.REGISTRY["cudnn"].streaming and backends.REGISTRY["pallas_gpu"].streaming
+    assert backends.REGISTRY["pallas_triton"].streaming
     assert not backends.REGISTRY["reference"].streaming
     assert backends.REGISTRY["xla"].streaming and backends.REGISTRY["pallas_tpu"].streaming
     assert callable(backends.REGISTRY["xla"].load().pass_fn)

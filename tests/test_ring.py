@@ -339,3 +339,34 @@ def test_decoder_trains_on_a_data_x_context_mesh_like_one_device(tmp_path, monke
         assert set(layouts) == (set() if name == "one" else {name})
     np.testing.assert_allclose(losses["zigzag"], losses["one"], rtol=2e-5)
     np.testing.assert_allclose(evals["zigzag"], evals["one"], rtol=2e-5)  # by position
+
+
+def test_pallas_triton_kernel_as_the_ring_local_backend():
+    """The Triton forward as the ring's pass over ``context=4``, Λ-mask (a halo and the sinks'
+    gather). In interpret mode (a plain XLA program, so it runs over host devices; jax 0.10's
+    Pallas interpreter fails ``check_vma`` on its own grid slicing, so that run has it off):
+    output and gradients (the ``xla`` pass's VJP inside the ring) equal the reference. With
+    ``check_vma`` on, compiled for CUDA: the kernel's outputs are typed as varying and the
+    program lowers to Triton IR."""
+    spec = lcattn.AttentionSpec(mask=masks.Lambda(24, 4))
+    q, k, v = qkv(12, 1, 128, 128, 2, 1, 32)
+    cot = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), jnp.float32)
+    mesh = sharding.make_mesh(context=4, devices=jax.devices()[:4])
+    rows = P(None, "context")
+
+    def loss(interpret):
+        ring = jax.shard_map(lambda q, k, v: lcattn.attend(
+            q, k, v, spec, backend="pallas_triton", block_sizes=(16, 16),
+            context_axis="context", interpret=interpret), mesh=mesh, in_specs=(rows,) * 3,
+            out_specs=rows, check_vma=not interpret)
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(ring(q, k, v) * cot),
+                                  argnums=(0, 1, 2))
+
+    out, grads = jax.jit(loss(True))(q, k, v)
+    ref, ref_grads = jax.value_and_grad(lambda q, k, v: jnp.sum(lcattn.attend(
+        q, k, v, spec, backend="reference") * cot), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out, ref, rtol=1e-2)
+    for g, r in zip(grads, ref_grads):  # the hops' merge weights come from the bf16 forward
+        np.testing.assert_allclose(g, r, atol=1e-2 * float(jnp.max(jnp.abs(r))))
+    text = jax.jit(loss(False)).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert "block_sparse_flash_attention_triton" in text

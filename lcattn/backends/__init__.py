@@ -5,7 +5,8 @@ defines one of:
 
 * ``pass_fn(block_sizes: BlockSizes, interpret) -> pass`` (*streaming*: one online-softmax pass
   for ``lcattn.attention.streaming_attend``, which runs the normalizer's passes and
-  LM-Infinite's branches around it): ``xla``, ``pallas_tpu``, ``pallas_gpu``;
+  LM-Infinite's branches around it): ``xla``, ``pallas_tpu``, ``pallas_gpu``,
+  ``pallas_triton``;
 * ``attend(q, k, v, spec, inputs) -> out`` (*dense*: the whole attention): ``reference``,
   ``cudnn`` (jax's cuDNN fused attention, for the specs it can express).
 
@@ -62,6 +63,7 @@ register(Backend("xla", "lcattn.backends.xla", streaming=True))
 register(Backend("pallas_tpu", "lcattn.backends.pallas_tpu", streaming=True))
 register(Backend("pallas_gpu", "lcattn.backends.pallas_gpu", streaming=True))
 register(Backend("cudnn", "lcattn.backends.cudnn", streaming=False))
+register(Backend("pallas_triton", "lcattn.backends.pallas_triton", streaming=True))
 
 AUTO: tuple[AutoRule, ...] = (
     AutoRule("*", "xla",

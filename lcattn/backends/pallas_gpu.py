@@ -13,25 +13,29 @@ split by the kernel entry into bf16 halves, ``QKᵀ`` as three WGMMAs (16 mantis
 
 The backward kernels (``pallas_kernels.gpu.backward``) recompute each visited tile from the
 saved ``lse``; they accumulate in float32 and round dQ / dK / dV once to bf16 (returned as
-float32), like FlashAttention. Not a kernel shape, and sent to the ``xla`` pass instead:
-LSSA's visible-key counting pass (``D = 1``, only when positions are not the default; it is
-never differentiated). ALiBi (``(q_bias_pos, k_bias_pos, slopes)``) goes to the kernels as a
-``protocols.Bias`` of ``lcattn.positions.alibi_bias``, added to ``QKᵀ`` in float32.
+float32), like FlashAttention. LSSA's visible-key counting pass (one head, only when
+positions are not the default; never differentiated) runs through the forward kernel too.
+ALiBi (``(q_bias_pos, k_bias_pos, slopes)``) goes to the kernels as a ``protocols.Bias`` of
+``lcattn.positions.alibi_bias``, added to ``QKᵀ`` in float32.
 """
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 
-from lcattn.backends import xla
+from lcattn.backends import pallas_triton
 from lcattn.positions import alibi_bias
 from lcattn.sharding import varying_like
 from pallas_kernels import gpu
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.gpu.backward import flash_attention_bwd
+from pallas_kernels.gpu.flash_attention import compute_capability
 from pallas_kernels.protocols import Bias
 
 OPERAND_DTYPE = jnp.bfloat16
+log = logging.getLogger("lcattn.backends.pallas_gpu")
 
 
 def resolve_interpret(interpret):
@@ -42,18 +46,19 @@ def resolve_interpret(interpret):
 def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
     """A ``streaming_attend`` pass through the Mosaic GPU kernels, tiled by ``block_sizes``
     (the package-wide default 512 x 512 means the kernels' defaults, 128 x 128 forward and
-    64 x 128 backward: their tiles are at most 256 x 256)."""
+    64 x 128 backward: their tiles are at most 256 x 256). On a GPU other than sm_90 (no
+    WGMMA): ``pallas_triton``'s pass instead, with a logged warning."""
     blocks = BlockSizes.of(block_sizes)
     tiles = None if blocks == BlockSizes() else blocks
     interpret = resolve_interpret(interpret)
-    fallback = xla.pass_fn(blocks)
+    if not interpret and compute_capability() not in (None, "9.0"):
+        log.warning("backend='pallas_gpu': the Mosaic kernels need sm_90a, this GPU is "
+                    "compute capability %s; running backend='pallas_triton' (Triton forward, "
+                    "xla gradients) instead", compute_capability())
+        return pallas_triton.pass_fn(block_sizes, interpret)
 
     def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
         kw = dict(mask=mask, normalizer=normalizer, pass_idx=pass_idx)
-        ints = (q_pos, k_pos, q_seg, kv_seg)
-        if q.shape[-1] == 1:  # LSSA's visible-key count: not a kernel shape
-            return fallback(q, k, v, ctx, *ints, bias, **kw)
-
         split = getattr(normalizer, "amplifies_score_error", False)
         first = lambda x: None if x is None else jnp.swapaxes(x, 1, 2)  # noqa: E731
         cast = lambda x: None if x is None else first(x).astype(OPERAND_DTYPE)  # noqa: E731

@@ -78,15 +78,20 @@ def split(x, on: bool):
     return hi, (x - hi.astype(jnp.float32)).astype(SPLIT_DTYPE)
 
 
+def compute_capability() -> str | None:
+    """The first GPU's compute capability (``"9.0"`` on H100 / H200); None off GPU."""
+    if jax.default_backend() != "gpu":
+        return None
+    return str(getattr(jax.devices()[0], "compute_capability", "")) or "?"
+
+
 def _check_device() -> None:
     """On a GPU backend, the device must be sm_90 (WGMMA exists on Hopper only)."""
-    if jax.default_backend() != "gpu":
-        return  # CPU: cross-lowering for CUDA, or the interpreter
-    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-    if cc != "9.0":
+    cc = compute_capability()
+    if cc not in (None, "9.0"):  # None: CPU, cross-lowering for CUDA or the interpreter
         raise ValueError(f"{OWNER}: needs an sm_90 (Hopper: H100 / H200) GPU for WGMMA, got "
-                         f"{jax.devices()[0].device_kind} (compute capability {cc or '?'}); "
-                         f"use another backend there")
+                         f"{jax.devices()[0].device_kind} (compute capability {cc}); use "
+                         f"triton_forward (any GPU from sm_80) there")
 
 
 def smem_bytes(d, dv, blocks, stages, n_qi, n_ki, n_ctx, split_qk) -> int:
