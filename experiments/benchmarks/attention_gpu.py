@@ -19,7 +19,10 @@ the cuDNN and ``mgpu`` calls have none). Implementations, each timed in the same
 * ``kernel`` / ``kernel_pingpong``: ``pallas_kernels.gpu.flash_attention_pass`` called
   directly (forward, Softmax, at the smallest ``--kv_heads``) without and with the ping-pong
   schedule between its two compute warpgroups: the measurement that decides
-  ``pallas_kernels.gpu.flash_attention.PINGPONG``.
+  ``pallas_kernels.gpu.flash_attention.PINGPONG``;
+* ``pallas_triton``: ``lcattn.attend(backend="pallas_triton")``, the Pallas Triton forward
+  that ``pallas_gpu`` falls back to on GPUs without WGMMA (forward, at the smallest
+  ``--kv_heads``; its gradients are the ``xla`` pass's).
 
 Per run: median seconds, TFLOP/s on the *visible pairs* (``4 D`` flops per visible pair
 forward, 2.5× that backward, the FlashAttention convention) and on the *visited tiles* of the
@@ -57,7 +60,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per run.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes on CPU (interpreter): a script check.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON report here (and a PNG).")
 PEAK_TFLOPS = 989.0
-FORWARD_ONLY = ("mgpu", "kernel", "kernel_pingpong")
+FORWARD_ONLY = ("mgpu", "kernel", "kernel_pingpong", "pallas_triton")
 BLOCK = 128
 
 
@@ -98,6 +101,8 @@ def _impls(mask_name: str, mask, window: int, d: int, smoke: bool, t: int,
     if kernels:
         impls["kernel"] = _kernel_forward(mask, t, False)
         impls["kernel_pingpong"] = _kernel_forward(mask, t, True)
+        impls["pallas_triton"] = lambda q, k, v: lcattn.attend(q, k, v, spec,
+                                                               backend="pallas_triton")
     if smoke:
         return impls
     window_kw = {} if mask_name == "causal" else dict(local_window_size=(window - 1, 0))

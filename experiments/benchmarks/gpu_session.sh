@@ -28,9 +28,10 @@ step ssd 45 python3 -m experiments.benchmarks.ssd_cpu --impls=pallas,chunked --r
 #    (LSSAR with split QK^T and, for comparison, with bf16 QK^T)
 step precision 90 python3 -m experiments.benchmarks.gpu_precision --seq_len=2048 \
   --head_dim=128 --out="$OUT/gpu_precision.json"
-# 4. the GPU kernels' CPU tests with this machine's jax (interpreter + lowering)
-step tests_pallas_gpu 60 python3 -m pytest -q -x -n 8 -p no:cacheprovider \
-  tests/test_pallas_gpu.py tests/test_pallas_gpu_bwd.py
+# 4. the GPU kernels' tests with this machine's jax (interpreter + lowering; the backend
+#    tests with interpret=None compile on the GPU: pallas_gpu's and pallas_triton's kernels)
+step tests_pallas_gpu 60 python3 -m pytest -q -n 8 -p no:cacheprovider \
+  tests/test_pallas_gpu.py tests/test_pallas_gpu_bwd.py tests/test_pallas_triton.py
 # 5. a training run on the GPU through the pallas_gpu backend (bf16 compute)
 step train_gpu 45 python3 -m experiments.train --gin_file=configs/base.gin \
   --gin_file=configs/models/tiny.gin --gin_file=configs/attention/softmax_rope.gin \
