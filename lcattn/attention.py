@@ -184,8 +184,8 @@ def attend(q, k, v, spec: AttentionSpec, *, q_positions=None, k_positions=None,
         (blockwise, skips empty tiles), ``"pallas_tpu"`` (Mosaic TPU block-sparse kernels),
         ``"pallas_gpu"`` (Mosaic GPU forward, dQ and dK/dV kernels for sm_90a, bf16 operands;
         LSSAR's ``QKᵀ`` from split float32 operands; on other GPUs it runs
-        ``"pallas_triton"``), ``"pallas_triton"`` (a Pallas Triton forward for any GPU from
-        sm_80, gradients through the ``xla`` pass),
+        ``"pallas_triton"``), ``"pallas_triton"`` (Pallas Triton forward, dQ and dK/dV
+        kernels for any GPU from sm_80),
         ``"cudnn"`` (jax's cuDNN attention, for the specs it expresses), or ``"auto"``
         (``lcattn.backends.AUTO``: ``xla`` on every platform today).
       interpret: for Pallas backends: run in interpret mode; None = when not on their

@@ -65,9 +65,10 @@ def _inputs(seed, heads, t, lssa=False):
 
 
 def _check(mask, heads, blocks, *, t=T, seg=None, traced=False, normalizer=N.Softmax(),
-           pass_idx=0, ctx=None, values=True, seed=0):
+           pass_idx=0, ctx=None, values=True, seed=0, bwd=backward.flash_attention_bwd):
     """Kernel gradients (with the reference's out / lse as residuals) against ``jax.vjp`` of
-    ``_dense``: dq, dk, dv and, with ``ctx``, dctx."""
+    ``_dense``: dq, dk, dv and, with ``ctx``, dctx. ``bwd``: the backward under test (the
+    Mosaic kernels or ``triton_backward``'s)."""
     rng, q, k, v = _inputs(seed, heads, t, lssa=not isinstance(normalizer, N.Softmax))
     v = v if values else None
     pos = np.broadcast_to(np.arange(t, dtype=np.int32), (B, t))
@@ -83,7 +84,7 @@ def _check(mask, heads, blocks, *, t=T, seg=None, traced=False, normalizer=N.Sof
     kw = {} if seg is None else dict(q_segment_ids=jnp.asarray(seg),
                                      kv_segment_ids=jnp.asarray(seg))
     positions = jnp.asarray(pos) if traced else pos
-    dq, dk, dv, dctx = backward.flash_attention_bwd(
+    dq, dk, dv, dctx = bwd(
         q, k, v, ctx, out, lse, dout, dlse, mask=mask, normalizer=normalizer,
         pass_idx=pass_idx, q_positions=positions, k_positions=positions, block_sizes=blocks,
         interpret=True, **kw)

@@ -345,7 +345,7 @@ def test_pallas_triton_kernel_as_the_ring_local_backend():
     """The Triton forward as the ring's pass over ``context=4``, Λ-mask (a halo and the sinks'
     gather). In interpret mode (a plain XLA program, so it runs over host devices; jax 0.10's
     Pallas interpreter fails ``check_vma`` on its own grid slicing, so that run has it off):
-    output and gradients (the ``xla`` pass's VJP inside the ring) equal the reference. With
+    output and gradients (the Triton backward kernels inside the ring) equal the reference. With
     ``check_vma`` on, compiled for CUDA: the kernel's outputs are typed as varying and the
     program lowers to Triton IR."""
     spec = lcattn.AttentionSpec(mask=masks.Lambda(24, 4))
@@ -366,7 +366,7 @@ def test_pallas_triton_kernel_as_the_ring_local_backend():
     ref, ref_grads = jax.value_and_grad(lambda q, k, v: jnp.sum(lcattn.attend(
         q, k, v, spec, backend="reference") * cot), argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(out, ref, rtol=1e-2)
-    for g, r in zip(grads, ref_grads):  # the hops' merge weights come from the bf16 forward
-        np.testing.assert_allclose(g, r, atol=1e-2 * float(jnp.max(jnp.abs(r))))
+    for g, r in zip(grads, ref_grads):  # bf16 operands: within 3 % of the largest entry
+        np.testing.assert_allclose(g, r, atol=0.03 * float(jnp.max(jnp.abs(r))))
     text = jax.jit(loss(False)).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
     assert "block_sparse_flash_attention_triton" in text

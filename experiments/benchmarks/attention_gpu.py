@@ -20,9 +20,9 @@ the cuDNN and ``mgpu`` calls have none). Implementations, each timed in the same
   directly (forward, Softmax, at the smallest ``--kv_heads``) without and with the ping-pong
   schedule between its two compute warpgroups: the measurement that decides
   ``pallas_kernels.gpu.flash_attention.PINGPONG``;
-* ``pallas_triton``: ``lcattn.attend(backend="pallas_triton")``, the Pallas Triton forward
-  that ``pallas_gpu`` falls back to on GPUs without WGMMA (forward, at the smallest
-  ``--kv_heads``; its gradients are the ``xla`` pass's).
+* ``pallas_triton``: ``lcattn.attend(backend="pallas_triton")``, the Pallas Triton kernels
+  that ``pallas_gpu`` falls back to on GPUs without WGMMA (forward only, to keep the run
+  short; at the smallest ``--kv_heads``).
 
 Per run: median seconds, TFLOP/s on the *visible pairs* (``4 D`` flops per visible pair
 forward, 2.5× that backward, the FlashAttention convention) and on the *visited tiles* of the

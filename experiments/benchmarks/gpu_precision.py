@@ -1,18 +1,22 @@
-"""Precision of ``backend="pallas_gpu"`` against the float32 reference, per normalizer.
+"""Precision of ``backend="pallas_gpu"`` (or ``--backend=pallas_triton``) against the float32
+reference, per normalizer.
 
 Run (from the repository root; on CPU the kernels run in the Mosaic GPU interpreter, whose
 matmuls take the same bf16 operands with float32 accumulation as the compiled WGMMAs)::
 
     PYTHONPATH=. python -m experiments.benchmarks.gpu_precision \\
-        --out=experiments/benchmarks/results/gpu_precision_cpu.json      # + .png, ~5 min
+        --out=experiments/benchmarks/results/gpu_precision_cpu.json      # + .png, ~9 min
+    PYTHONPATH=. python -m experiments.benchmarks.gpu_precision --backend=pallas_triton \
+        --out=experiments/benchmarks/results/gpu_precision_triton_cpu.json  # Pallas interpret
 
 Float32 unit-normal inputs ``[1, T, Hq, D]`` / ``[1, T, Hkv, D]``, loss ``sum(out²)``; for each
 spec: the loss's relative error, max |out − ref|, and for dQ, dK, dV the max |grad − ref| over
 the max |ref| (the figure the tests bound). Specs: Softmax causal, Λ + ALiBi, LSSA causal,
-LSSAR (p = 15) causal with its split ``QKᵀ`` (``split_qk``: float32 q, k as two bf16 halves)
-and, for comparison in the same run, with plain bf16 ``QKᵀ`` (``lssar_bf16_scores``): what a
-user of bf16 kernels would otherwise get. ``bf16 / split`` ratios of the LSSAR gradient errors
-are in the report.
+LSSAR (p = 15) causal with its exact ``QKᵀ`` (``pallas_gpu``: ``split_qk``, float32 q, k as
+two bf16 halves; ``pallas_triton``: float32 operands) and, for comparison in the same run, with
+plain bf16 ``QKᵀ`` (``lssar_bf16_scores``): what a user of bf16 kernels would otherwise get.
+``bf16 / split`` ratios of the LSSAR gradient errors (``lssar_bf16_over_split``, "split"
+meaning the backend's exact scores) are in the report.
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Sequence length T.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dimension D.")
 _HEADS = flags.DEFINE_list("heads", ["8", "2"], "Query heads, kv heads.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON report here (and a PNG).")
+_BACKEND = flags.DEFINE_enum("backend", "pallas_gpu", ["pallas_gpu", "pallas_triton"],
+                             "The GPU kernels' backend to measure.")
+INTERPRETERS = {"pallas_gpu": "Mosaic GPU interpreter", "pallas_triton": "Pallas interpret mode"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +71,8 @@ def measure(spec, q, k, v) -> dict:
         return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(lcattn.attend(
             q, k, v, spec, backend=backend) ** 2), argnums=(0, 1, 2)))
 
-    (got, grads), (want, ref) = loss("pallas_gpu")(q, k, v), loss("reference")(q, k, v)
-    out = lcattn.attend(q, k, v, spec, backend="pallas_gpu")
+    (got, grads), (want, ref) = loss(_BACKEND.value)(q, k, v), loss("reference")(q, k, v)
+    out = lcattn.attend(q, k, v, spec, backend=_BACKEND.value)
     out_ref = lcattn.attend(q, k, v, spec, backend="reference")
     row = {"loss_rel_error": float(abs(got - want) / abs(want)),
            "out_max_abs_error": float(jnp.max(jnp.abs(out - out_ref)))}
@@ -84,7 +91,7 @@ def _plot(report, path):
                [100 * rows[n][f"{grad}_error_of_max"] for n in names], width, label=grad)
     ax.set(xticks=np.arange(len(names)), yscale="log",
            ylabel="max |grad - ref| / max |ref| (%)",
-           title=f"pallas_gpu ({report['kernels']}) vs float32 reference, "
+           title=f"{report['backend']} ({report['kernels']}) vs float32 reference, "
                  f"T={report['seq_len']}, D={report['head_dim']}")
     ax.set_xticklabels(names, fontsize=7)
     ax.legend()
@@ -109,8 +116,9 @@ def main(argv):
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "jax": jax.__version__},
               "device": jax.devices()[0].device_kind, "seq_len": t, "head_dim": d,
+              "backend": _BACKEND.value,
               "kernels": ("compiled" if jax.default_backend() == "gpu"
-                          else "Mosaic GPU interpreter"),
+                          else INTERPRETERS[_BACKEND.value]),
               "heads": [hq, hk], "rows": rows,
               "lssar_bf16_over_split": {g: plain[f"{g}_error_of_max"] / split[f"{g}_error_of_max"]
                                         for g in ("dq", "dk", "dv")}}

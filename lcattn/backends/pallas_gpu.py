@@ -53,8 +53,8 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
     interpret = resolve_interpret(interpret)
     if not interpret and compute_capability() not in (None, "9.0"):
         log.warning("backend='pallas_gpu': the Mosaic kernels need sm_90a, this GPU is "
-                    "compute capability %s; running backend='pallas_triton' (Triton forward, "
-                    "xla gradients) instead", compute_capability())
+                    "compute capability %s; running backend='pallas_triton' (Pallas Triton "
+                    "kernels) instead", compute_capability())
         return pallas_triton.pass_fn(block_sizes, interpret)
 
     def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):

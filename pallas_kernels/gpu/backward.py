@@ -355,6 +355,15 @@ def column_items(lists: block_sparse.BlockLists):
     return jnp.asarray(np.asarray(items, np.int32))
 
 
+def sum_items(parts, items, shape):
+    """The work items' partial sums ``[B, Hkv, n_items * block_k, D]`` added into their kv
+    tiles in float32: ``[B, Hkv, Tk_padded, D]``; ``shape``: ``(B, Hkv, kv tiles, block_k)``."""
+    b, hk, n_tiles, bk = shape
+    parts = parts.astype(jnp.float32).reshape(b, hk, -1, bk, parts.shape[-1])
+    whole = jnp.zeros((b, hk, n_tiles, bk, parts.shape[-1]), jnp.float32)
+    return whole.at[:, :, items[:, 0]].add(parts).reshape(b, hk, n_tiles * bk, -1)
+
+
 # -- calls -----------------------------------------------------------------------------------
 def _barriers(n, **names):
     return {name: plgpu.Barrier(num_barriers=n) for name in names}
@@ -540,12 +549,7 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
     items = column_items(lists_t)
     dk, dv = dkv_call(st_k, fa.pack_lists(lists_t), items, q_p, k_p, v_p, do, vec, q_info,
                       k_info, slopes, (q_lo, k_lo), interpret=interpret)
-    f32 = jnp.float32
-
-    def gather(parts):  # the items' partial sums into their kv tiles, in float32
-        parts = parts.astype(f32).reshape(b, hk, -1, bk, parts.shape[-1])
-        whole = jnp.zeros((b, hk, tk_p // bk, bk, parts.shape[-1]), f32)
-        return whole.at[:, :, items[:, 0]].add(parts).reshape(b, hk, tk_p, -1)[:, :, :tk]
-
-    return (dq[:, :, :tq].astype(f32), gather(dk), None if dv is None else gather(dv),
+    shape = (b, hk, tk_p // bk, bk)
+    return (dq[:, :, :tq].astype(jnp.float32), sum_items(dk, items, shape)[:, :, :tk],
+            None if dv is None else sum_items(dv, items, shape)[:, :, :tk],
             {n: dctx[:, :, c, :tq] for c, n in enumerate(ctx)} if ctx else None)

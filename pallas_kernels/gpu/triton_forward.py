@@ -72,7 +72,8 @@ def check_inputs(q, k, v, blocks: tuple[int, int], num_warps: int, num_stages: i
 @dataclasses.dataclass(frozen=True)
 class Static:
     """What the kernel specializes on; fields as ``kernels.Static`` (``q_fields`` /
-    ``k_fields`` name the int32 info rows, iota positions when ``"pos"`` is absent)."""
+    ``k_fields`` name the int32 info rows, iota positions when ``"pos"`` is absent); shared
+    with ``triton_backward``."""
 
     mask: Any
     normalizer: Any
@@ -89,10 +90,55 @@ class Static:
     kv_padded: bool
     with_values: bool
     bias_fn: Any = None
+    group: int = 1  # Hq // Hkv (the backward's dK/dV walk)
 
 
 def _tile(x, shape, dim):
     return lax.broadcast_in_dim(x, shape, [dim])
+
+
+def precision(x):
+    """IEEE float32 dots for float32 operands (not TF32); the default for 16-bit ones."""
+    return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
+def scores_and_log_weights(st: Static, q, k, ctx, q_info, k_info, col0, full, slope):
+    """``(s, t)`` of one ``[block_q, block_k]`` tile: ``s = q k^T (+ bias)`` in float32, ``t =
+    log_weight(s, ctx)`` with ``-inf`` where a PARTIAL tile's key is not visible (mask, segment
+    ids, padded keys; FULL tiles skip the test). ``q_info`` / ``k_info``: ``{field: tile}``
+    with the query's ``"pos"`` always present, the key's when not iota."""
+    shape = (st.block_q, st.block_k)
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision(q),
+                        preferred_element_type=jnp.float32)
+    if st.bias_fn is not None:
+        s = s + st.bias_fn(q_info["bias"], k_info["bias"], slope)
+    t = st.normalizer.log_weight(s, ctx, st.pass_idx)
+
+    def visible(t):
+        key = col0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+        vis = st.mask(q_info["pos"], k_info["pos"] if "pos" in k_info else st.k_offset + key)
+        if "seg" in q_info:
+            vis = vis & (q_info["seg"] == k_info["seg"])
+        if st.kv_padded:
+            vis = vis & (key < st.kv_len)
+        return jnp.where(vis, t, -jnp.inf)
+
+    return s, lax.cond(full, lambda t: t, visible, t)
+
+
+def query_side(st: Static, r, row0, rows):
+    """``{field: [block_q, block_k] tile}`` of the query rows ``rows`` (a slice from
+    ``row0``): info refs ``r["q_<field>"]`` (1-D), iota positions when there is no "pos"."""
+    shape = (st.block_q, st.block_k)
+    info = {f: _tile(r[f"q_{f}"][rows], shape, 0) for f in st.q_fields}
+    if "pos" not in info:
+        info["pos"] = st.q_offset + row0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+    return info
+
+
+def key_side(st: Static, r, cols):
+    """``{field: [block_q, block_k] tile}`` of the keys ``cols`` (refs ``r["k_<field>"]``)."""
+    return {f: _tile(r[f"k_{f}"][cols], (st.block_q, st.block_k), 1) for f in st.k_fields}
 
 
 def _kernel(st: Static, names, *refs):
@@ -101,11 +147,8 @@ def _kernel(st: Static, names, *refs):
     h = pl.program_id(1)
     shape = (st.block_q, st.block_k)
     q = r["q"][...]
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     ctx = {n: _tile(r[f"ctx_{n}"][...], shape, 0) for n in st.ctx_names}
-    q_info = {f: _tile(r[f"q_{f}"][...], shape, 0) for f in st.q_fields}
-    if "pos" not in q_info:
-        q_info["pos"] = st.q_offset + i * st.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
+    q_info = query_side(st, r, i * st.block_q, slice(None))
     slope = r["slopes"][h] if st.bias_fn is not None else None
 
     def step(s, carry):
@@ -113,23 +156,8 @@ def _kernel(st: Static, names, *refs):
         entry = r["lists"][i, 1 + s]
         col0 = pl.multiple_of(lax.div(entry, 2) * st.block_k, st.block_k)
         cols = pl.ds(col0, st.block_k)
-        scores = lax.dot_general(q, r["k"][cols, :], (((1,), (1,)), ((), ())),
-                                 precision=precision, preferred_element_type=jnp.float32)
-        k_info = {f: _tile(r[f"k_{f}"][cols], shape, 1) for f in st.k_fields}
-        if st.bias_fn is not None:
-            scores = scores + st.bias_fn(q_info["bias"], k_info["bias"], slope)
-        t = st.normalizer.log_weight(scores, ctx, st.pass_idx)
-
-        def visible(t):
-            key = col0 + lax.broadcasted_iota(jnp.int32, shape, 1)
-            vis = st.mask(q_info["pos"], k_info["pos"] if "pos" in k_info else st.k_offset + key)
-            if "seg" in q_info:
-                vis = vis & (q_info["seg"] == k_info["seg"])
-            if st.kv_padded:
-                vis = vis & (key < st.kv_len)
-            return jnp.where(vis, t, -jnp.inf)
-
-        t = lax.cond(lax.rem(entry, 2) == 1, lambda t: t, visible, t)
+        _, t = scores_and_log_weights(st, q, r["k"][cols, :], ctx, q_info, key_side(st, r, cols),
+                                      col0, lax.rem(entry, 2) == 1, slope)
         m_new = jnp.maximum(m, t.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) * LOG2E
         alpha = jnp.exp2(m * LOG2E - m_safe)
@@ -137,7 +165,7 @@ def _kernel(st: Static, names, *refs):
         l = l * alpha + p.sum(axis=1)
         if st.with_values:
             v = r["v"][cols, :]
-            acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, precision=precision,
+            acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, precision=precision(v),
                                                  preferred_element_type=jnp.float32)
         return m_new, l, acc
 
@@ -189,7 +217,7 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
                 q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0,
                 k_offset=k_off or 0, block_q=bq, block_k=bk, n_q_tiles=nq, kv_len=tk,
                 kv_padded=tk_p != tk, with_values=v is not None,
-                bias_fn=None if bias is None else bias.fn)
+                bias_fn=None if bias is None else bias.fn, group=group)
 
     def rev(i):
         return nq - 1 - i
