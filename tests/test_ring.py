@@ -348,8 +348,8 @@ def test_pallas_triton_kernel_as_the_ring_local_backend():
     output and gradients (the Triton backward kernels inside the ring) equal the reference. With
     ``check_vma`` on, compiled for CUDA: the kernel's outputs are typed as varying and the
     program lowers to Triton IR."""
-    spec = lcattn.AttentionSpec(mask=masks.Lambda(24, 4))
-    q, k, v = qkv(12, 1, 128, 128, 2, 1, 32)
+    spec = lcattn.AttentionSpec(mask=masks.Lambda(20, 4))
+    q, k, v = qkv(12, 1, 64, 64, 2, 1, 32)
     cot = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), jnp.float32)
     mesh = sharding.make_mesh(context=4, devices=jax.devices()[:4])
     rows = P(None, "context")
@@ -365,7 +365,7 @@ def test_pallas_triton_kernel_as_the_ring_local_backend():
     out, grads = jax.jit(loss(True))(q, k, v)
     ref, ref_grads = jax.value_and_grad(lambda q, k, v: jnp.sum(lcattn.attend(
         q, k, v, spec, backend="reference") * cot), argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(out, ref, rtol=1e-2)
+    np.testing.assert_allclose(out, ref, rtol=3e-2)  # the loss: a sum of bf16-operand outputs
     for g, r in zip(grads, ref_grads):  # bf16 operands: within 3 % of the largest entry
         np.testing.assert_allclose(g, r, atol=0.03 * float(jnp.max(jnp.abs(r))))
     text = jax.jit(loss(False)).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()

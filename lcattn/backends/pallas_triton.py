@@ -15,8 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lcattn.backends.gpu_pass import heads_first, kernel_pass
 from lcattn.positions import alibi_bias
-from lcattn.sharding import varying_like
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.gpu import triton_backward, triton_forward
 from pallas_kernels.protocols import Bias
@@ -33,39 +33,13 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
 
     def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
         exact = getattr(normalizer, "amplifies_score_error", False)
-        first = lambda x: None if x is None else jnp.swapaxes(x, 1, 2)  # noqa: E731
-        cast = lambda x: None if x is None else first(x).astype(OPERAND_DTYPE)  # noqa: E731
-        qk = first if exact else cast
+        cast = lambda x: None if x is None else heads_first(x).astype(OPERAND_DTYPE)  # noqa: E731
         where = dict(q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
                      kv_segment_ids=kv_seg, block_sizes=tiles, interpret=interpret,
                      bias=None if bias is None else Bias(alibi_bias, *bias), mask=mask,
                      normalizer=normalizer, pass_idx=pass_idx)
-
-        def kernel(q, k, v, ctx):
-            out, lse = triton_forward.flash_attention_pass(
-                qk(q), qk(k), cast(v), {n: first(c) for n, c in ctx.items()}, **where)
-            return varying_like((first(out), jnp.swapaxes(lse, 1, 2)), q, k, v, ctx)
-
-        @jax.custom_vjp
-        def attend_pass(q, k, v, ctx):
-            return kernel(q, k, v, ctx)
-
-        def forward(q, k, v, ctx):
-            out, lse = kernel(q, k, v, ctx)
-            return (out, lse), (q, k, v, ctx, out, lse)
-
-        def backward(res, cts):
-            q, k, v, ctx, out, lse = res
-            dout, dlse = cts
-            dq, dk, dv, dctx = triton_backward.flash_attention_bwd(
-                qk(q), qk(k), cast(v), {n: first(c) for n, c in ctx.items()}, first(out),
-                jnp.swapaxes(lse, 1, 2), first(dout), jnp.swapaxes(dlse, 1, 2), **where)
-            dctx = {n: (jnp.zeros_like(c) if dctx is None else first(dctx[n]))
-                    for n, c in ctx.items()}
-            grads = (first(dq), first(dk), None if v is None else first(dv), dctx)
-            return tuple(jax.tree.map(varying_like, g, x) for g, x in zip(grads, (q, k, v, ctx)))
-
-        attend_pass.defvjp(forward, backward)
-        return attend_pass(q, k, v, ctx)
+        return kernel_pass(triton_forward.flash_attention_pass,
+                           triton_backward.flash_attention_bwd,
+                           heads_first if exact else cast, cast, where)(q, k, v, ctx)
 
     return run
