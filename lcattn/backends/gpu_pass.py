@@ -8,12 +8,27 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from lcattn.positions import alibi_bias
 from lcattn.sharding import varying_like
+from pallas_kernels.protocols import Bias
 
 
 def heads_first(x):
     """``[B, T, H, ...]`` <-> ``[B, H, T, ...]`` (None passes through)."""
     return None if x is None else jnp.swapaxes(x, 1, 2)
+
+
+def cast_to(dtype) -> Callable:
+    """``[B, T, H, D]`` -> heads first in ``dtype`` (None passes through)."""
+    return lambda x: None if x is None else heads_first(x).astype(dtype)
+
+
+def kernel_args(q_pos, k_pos, q_seg, kv_seg, bias, **kw) -> dict:
+    """The kernels' keyword arguments from a pass's position / segment / ALiBi inputs (the
+    bias as a ``protocols.Bias`` of ``lcattn.positions.alibi_bias``) and ``kw``."""
+    return dict(q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
+                kv_segment_ids=kv_seg, bias=None if bias is None else Bias(alibi_bias, *bias),
+                **kw)
 
 
 def kernel_pass(forward: Callable, backward: Callable, qk: Callable, cast: Callable,

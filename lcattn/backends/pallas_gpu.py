@@ -26,13 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from lcattn.backends import pallas_triton
-from lcattn.backends.gpu_pass import heads_first, kernel_pass
-from lcattn.positions import alibi_bias
+from lcattn.backends.gpu_pass import cast_to, heads_first, kernel_args, kernel_pass
 from pallas_kernels import gpu
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.gpu.backward import flash_attention_bwd
 from pallas_kernels.gpu.flash_attention import compute_capability
-from pallas_kernels.protocols import Bias
 
 OPERAND_DTYPE = jnp.bfloat16
 log = logging.getLogger("lcattn.backends.pallas_gpu")
@@ -59,11 +57,10 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
 
     def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
         split = getattr(normalizer, "amplifies_score_error", False)
-        cast = lambda x: None if x is None else heads_first(x).astype(OPERAND_DTYPE)  # noqa: E731
-        where = dict(q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
-                     kv_segment_ids=kv_seg, block_sizes=tiles, interpret=interpret,
-                     bias=None if bias is None else Bias(alibi_bias, *bias), split_qk=split,
-                     mask=mask, normalizer=normalizer, pass_idx=pass_idx)
+        cast = cast_to(OPERAND_DTYPE)
+        where = kernel_args(q_pos, k_pos, q_seg, kv_seg, bias, block_sizes=tiles,
+                            interpret=interpret, split_qk=split, mask=mask,
+                            normalizer=normalizer, pass_idx=pass_idx)
         # split_qk: float32 q, k, split into bf16 halves in the kernels' entry
         return kernel_pass(gpu.flash_attention_pass, flash_attention_bwd,
                            heads_first if split else cast, cast, where)(q, k, v, ctx)

@@ -15,11 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lcattn.backends.gpu_pass import heads_first, kernel_pass
-from lcattn.positions import alibi_bias
+from lcattn.backends.gpu_pass import cast_to, heads_first, kernel_args, kernel_pass
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.gpu import triton_backward, triton_forward
-from pallas_kernels.protocols import Bias
 
 OPERAND_DTYPE = jnp.bfloat16
 
@@ -33,11 +31,10 @@ def pass_fn(block_sizes: BlockSizes | None = None, interpret=None):
 
     def run(q, k, v, ctx, q_pos, k_pos, q_seg, kv_seg, bias, *, mask, normalizer, pass_idx):
         exact = getattr(normalizer, "amplifies_score_error", False)
-        cast = lambda x: None if x is None else heads_first(x).astype(OPERAND_DTYPE)  # noqa: E731
-        where = dict(q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
-                     kv_segment_ids=kv_seg, block_sizes=tiles, interpret=interpret,
-                     bias=None if bias is None else Bias(alibi_bias, *bias), mask=mask,
-                     normalizer=normalizer, pass_idx=pass_idx)
+        cast = cast_to(OPERAND_DTYPE)
+        where = kernel_args(q_pos, k_pos, q_seg, kv_seg, bias, block_sizes=tiles,
+                            interpret=interpret, mask=mask, normalizer=normalizer,
+                            pass_idx=pass_idx)
         return kernel_pass(triton_forward.flash_attention_pass,
                            triton_backward.flash_attention_bwd,
                            heads_first if exact else cast, cast, where)(q, k, v, ctx)

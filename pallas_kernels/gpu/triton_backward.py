@@ -17,24 +17,23 @@ epilogue to share). FULL tiles skip the mask.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import block_sparse
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.block_sparse import pad_axis
 from pallas_kernels.gpu.backward import column_items, sum_items
-from pallas_kernels.gpu.flash_attention import info_rows, pack_lists
+from pallas_kernels.gpu.flash_attention import pack_lists
 from pallas_kernels.gpu.lowerable import log_weight_vjp
 from pallas_kernels.gpu.triton_forward import (
     DEFAULT_BLOCKS,
     LOG2E,
     Static,
-    check_inputs,
+    call,
     key_side,
+    plan,
     precision,
     query_side,
     scores_and_log_weights,
@@ -138,22 +137,6 @@ def _dkv_kernel(st: Static, names, *refs):
         r["dv"][...] = dv
 
 
-def _call(kernel, st: Static, grid, ins: dict, outs: dict, name, num_warps, num_stages,
-          interpret):
-    """``pallas_call`` over ``ins`` / ``outs`` = ``{name: (array or struct, BlockSpec or
-    None)}`` (None: the whole array)."""
-    names = list(ins) + list(outs)
-    whole = lambda a, spec: (  # noqa: E731
-        pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim) if spec is None else spec)
-    result = pl.pallas_call(
-        lambda *refs: kernel(st, names, *refs), grid=grid,
-        in_specs=[whole(a, s) for a, s in ins.values()],
-        out_specs=[s for _, s in outs.values()], out_shape=[a for a, _ in outs.values()],
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name=name)(*(a for a, _ in ins.values()))
-    return dict(zip(outs, result))
-
-
 def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, normalizer,
                         pass_idx: int = 0, q_positions, k_positions, q_segment_ids=None,
                         kv_segment_ids=None, bias=None,
@@ -165,28 +148,15 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
     ``BlockSizes.of(block_sizes).backward``, default ``triton_forward.DEFAULT_BLOCKS``;
     ``num_warps`` / ``num_stages`` as for the forward)."""
     blocks = DEFAULT_BLOCKS if block_sizes is None else BlockSizes.of(block_sizes).backward
-    d = q.shape[-1]
-    num_warps = (4 if d < 128 else 8) if num_warps is None else num_warps
-    check_inputs(q, k, v, blocks, num_warps, num_stages, OWNER)
-    b, hq, tq, _ = q.shape
+    setup = plan(q, k, v, ctx, blocks, num_warps, num_stages, interpret, OWNER, mask=mask,
+                 normalizer=normalizer, pass_idx=pass_idx, q_positions=q_positions,
+                 k_positions=k_positions, q_segment_ids=q_segment_ids,
+                 kv_segment_ids=kv_segment_ids, bias=bias)
+    st, (tq_p, tk_p), classes = setup.st, setup.padded, setup.classes
+    b, hq, tq, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
-    if hq % hk:
-        raise ValueError(f"GQA: query heads ({hq}) must be a multiple of kv heads ({hk})")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    bq, bk = blocks
-    tq_p, tk_p = -(-tq // bq) * bq, -(-tk // bk) * bk
-    padded = block_sparse.padded_rows(
-        q_positions, k_positions, q_segment_ids, kv_segment_ids, tq_p, tk_p)
-    q_off, k_off, qp, kp, qs, ks = padded
-    classes = block_sparse.padded_tile_classes(mask, qp, kp, blocks, qs, ks, tk)
-    q_fields, q_info, k_fields, k_info, slopes = info_rows(padded, bias, hq, tq_p, tk_p)
-    group, nq, with_values = hq // hk, tq_p // bq, v is not None
-    st = Static(mask=mask, normalizer=normalizer, pass_idx=pass_idx, ctx_names=tuple(ctx),
-                q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0, k_offset=k_off or 0,
-                block_q=bq, block_k=bk, n_q_tiles=nq, kv_len=tk, kv_padded=tk_p != tk,
-                with_values=with_values, bias_fn=None if bias is None else bias.fn,
-                group=group)
+    bq, bk, nq, group, with_values = st.block_q, st.block_k, st.n_q_tiles, st.group, \
+        st.with_values
     base = jnp.zeros((b, hq, tq), F32) if dlse is None else dlse.astype(F32)
     if with_values:
         base = base - jnp.sum(dout.astype(F32) * out.astype(F32), axis=-1)
@@ -198,7 +168,6 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
     v_p = pad_axis(v, tk_p, 2) if with_values else None
     do = pad_axis(dout.astype(v.dtype), tq_p, 2) if with_values else None
     typed = (q, k, v)
-    common = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
     # dQ: grid (query tile, query head, batch), tiles in reverse as in the forward
     tile = lambda *tail: pl.BlockSpec(  # noqa: E731
@@ -210,17 +179,14 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
     if with_values:
         ins |= {"v": (v_p, kv_head(v_p)), "do": (do, tile(do.shape[-1]))}
     ins |= {n: (a, tile()) for n, a in row_arrays.items()}
-    for f, name in enumerate(q_fields):
-        ins[f"q_{name}"] = (q_info[:, f], pl.BlockSpec((None, bq),
-                                                       lambda i, h, z: (z, nq - 1 - i)))
-    for f, name in enumerate(k_fields):
-        ins[f"k_{name}"] = (k_info[:, f], pl.BlockSpec((None, tk_p), lambda i, h, z: (z, 0)))
-    if slopes is not None:
-        ins["slopes"] = (slopes, None)
+    for f, name in enumerate(st.q_fields):
+        ins[f"q_{name}"] = (setup.q_info[:, f], pl.BlockSpec((None, bq),
+                                                             lambda i, h, z: (z, nq - 1 - i)))
+    ins |= setup.key_inputs(lambda i, h, z: (z, 0))
     outs = {"dq": (varying_struct((b, hq, tq_p, d), F32, typed), tile(d))}
     outs |= {f"dctx_{n}": (varying_struct((b, hq, tq_p), F32, typed), tile()) for n in ctx}
-    dq = _call(_dq_kernel, st, (nq, hq, b), ins, outs, "block_sparse_flash_attention_dq_triton",
-               **common)
+    dq = call(_dq_kernel, st, (nq, hq, b), ins, outs, "block_sparse_flash_attention_dq_triton",
+              setup.launch)
 
     # dK/dV: grid (work item, kv head, batch); q-side arrays per GQA group of query heads
     lists_t = block_sparse.block_lists(classes.T)
@@ -235,18 +201,16 @@ def flash_attention_bwd(q, k, v, ctx: dict, out, lse, dout, dlse, *, mask, norma
     if with_values:
         ins |= {"v": (v_p, kv_whole(v_p)), "do": (do, group_of(do))}
     ins |= {n: (a, group_of(a)) for n, a in row_arrays.items()}
-    for f, name in enumerate(q_fields):
-        ins[f"q_{name}"] = (q_info[:, f], pl.BlockSpec((None, tq_p), lambda w, h, z: (z, 0)))
-    for f, name in enumerate(k_fields):
-        ins[f"k_{name}"] = (k_info[:, f], pl.BlockSpec((None, tk_p), lambda w, h, z: (z, 0)))
-    if slopes is not None:
-        ins["slopes"] = (slopes, None)
+    for f, name in enumerate(st.q_fields):
+        ins[f"q_{name}"] = (setup.q_info[:, f], pl.BlockSpec((None, tq_p),
+                                                             lambda w, h, z: (z, 0)))
+    ins |= setup.key_inputs(lambda w, h, z: (z, 0))
     part = lambda x: (  # noqa: E731  one item's partial sums
         varying_struct((b, hk, n_items * bk, x.shape[-1]), F32, typed),
         pl.BlockSpec((None, None, bk, x.shape[-1]), lambda w, h, z: (z, h, w, 0)))
     outs = {"dk": part(k_p)} | ({"dv": part(v_p)} if with_values else {})
-    dkv = _call(_dkv_kernel, st, (n_items, hk, b), ins, outs,
-                "block_sparse_flash_attention_dkv_triton", **common)
+    dkv = call(_dkv_kernel, st, (n_items, hk, b), ins, outs,
+               "block_sparse_flash_attention_dkv_triton", setup.launch)
 
     shape = (b, hk, tk_p // bk, bk)
     return (dq["dq"][:, :, :tq], sum_items(dkv["dk"], items, shape)[:, :, :tk],

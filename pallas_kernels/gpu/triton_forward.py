@@ -180,6 +180,70 @@ def _kernel(st: Static, names, *refs):
         r["o"][...] = (acc * jnp.where(live, 1.0 / safe_l, 0.0)[:, None]).astype(r["o"].dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the forward and the backward kernels share: ``st``, the padded lengths
+    ``(Tq, Tk)``, the tile classes, the int32 info rows ``[B, F, T]`` (or None), the ALiBi
+    ``slopes`` and the Triton ``launch`` options."""
+
+    st: Static
+    padded: tuple[int, int]
+    classes: Any
+    q_info: Any
+    k_info: Any
+    slopes: Any
+    launch: dict
+
+    def key_inputs(self, index_map) -> dict:
+        """Kernel inputs: each key-side info row whole (``[B, Tk]`` -> ``[Tk]``), and the
+        slopes."""
+        ins = {f"k_{name}": (self.k_info[:, f], pl.BlockSpec((None, self.padded[1]), index_map))
+               for f, name in enumerate(self.st.k_fields)}
+        return ins | ({} if self.slopes is None else {"slopes": (self.slopes, None)})
+
+
+def plan(q, k, v, ctx, blocks, num_warps, num_stages, interpret, owner, *, mask, normalizer,
+         pass_idx, q_positions, k_positions, q_segment_ids, kv_segment_ids, bias) -> Plan:
+    """Checks (naming ``owner``), padding, tile classes and info rows for one pass."""
+    num_warps = (4 if q.shape[-1] < 128 else 8) if num_warps is None else num_warps
+    check_inputs(q, k, v, blocks, num_warps, num_stages, owner)
+    hq, tq, hk, tk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    if hq % hk:
+        raise ValueError(f"GQA: query heads ({hq}) must be a multiple of kv heads ({hk})")
+    bq, bk = blocks
+    tq_p, tk_p = -(-tq // bq) * bq, -(-tk // bk) * bk
+    padded = block_sparse.padded_rows(
+        q_positions, k_positions, q_segment_ids, kv_segment_ids, tq_p, tk_p)
+    q_off, k_off, qp, kp, qs, ks = padded
+    classes = block_sparse.padded_tile_classes(mask, qp, kp, blocks, qs, ks, tk)
+    q_fields, q_info, k_fields, k_info, slopes = info_rows(padded, bias, hq, tq_p, tk_p)
+    st = Static(mask=mask, normalizer=normalizer, pass_idx=pass_idx, ctx_names=tuple(ctx),
+                q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0, k_offset=k_off or 0,
+                block_q=bq, block_k=bk, n_q_tiles=tq_p // bq, kv_len=tk, kv_padded=tk_p != tk,
+                with_values=v is not None, bias_fn=None if bias is None else bias.fn,
+                group=hq // hk)
+    launch = dict(num_warps=num_warps, num_stages=num_stages,
+                  interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
+    return Plan(st, (tq_p, tk_p), classes, q_info, k_info, slopes, launch)
+
+
+def call(kernel, st: Static, grid, ins: dict, outs: dict, name: str, launch: dict) -> dict:
+    """``pallas_call`` of ``kernel(st, names, *refs)`` over ``ins`` / ``outs`` = ``{name:
+    (array or ShapeDtypeStruct, BlockSpec or None)}`` (None: the whole array); returns
+    ``{out name: array}``."""
+    names = list(ins) + list(outs)
+    whole = lambda a, spec: (  # noqa: E731
+        pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim) if spec is None else spec)
+    result = pl.pallas_call(
+        lambda *refs: kernel(st, names, *refs), grid=grid,
+        in_specs=[whole(a, s) for a, s in ins.values()],
+        out_specs=[s for _, s in outs.values()], out_shape=[a for a, _ in outs.values()],
+        compiler_params=pltriton.CompilerParams(num_warps=launch["num_warps"],
+                                                num_stages=launch["num_stages"]),
+        interpret=launch["interpret"], name=name)(*(a for a, _ in ins.values()))
+    return dict(zip(outs, result))
+
+
 def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int = 0,
                          q_positions, k_positions, q_segment_ids=None, kv_segment_ids=None,
                          bias: Bias | None = None,
@@ -195,29 +259,14 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
     runs in interpret mode off GPU, True always, False compiles.
     """
     blocks = DEFAULT_BLOCKS if block_sizes is None else BlockSizes.of(block_sizes).forward
-    d = q.shape[-1]
-    num_warps = (4 if d < 128 else 8) if num_warps is None else num_warps
-    check_inputs(q, k, v, blocks, num_warps, num_stages)
-    b, hq, tq, _ = q.shape
-    hk, tk = k.shape[1], k.shape[2]
-    if hq % hk:
-        raise ValueError(f"GQA: query heads ({hq}) must be a multiple of kv heads ({hk})")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    bq, bk = blocks
-    tq_p, tk_p = -(-tq // bq) * bq, -(-tk // bk) * bk
-    padded = block_sparse.padded_rows(
-        q_positions, k_positions, q_segment_ids, kv_segment_ids, tq_p, tk_p)
-    q_off, k_off, qp, kp, qs, ks = padded
-    lists = block_sparse.block_lists(
-        block_sparse.padded_tile_classes(mask, qp, kp, blocks, qs, ks, tk))
-    q_fields, q_info, k_fields, k_info, slopes = info_rows(padded, bias, hq, tq_p, tk_p)
-    group, nq = hq // hk, tq_p // bq
-    st = Static(mask=mask, normalizer=normalizer, pass_idx=pass_idx, ctx_names=tuple(ctx),
-                q_fields=q_fields, k_fields=k_fields, q_offset=q_off or 0,
-                k_offset=k_off or 0, block_q=bq, block_k=bk, n_q_tiles=nq, kv_len=tk,
-                kv_padded=tk_p != tk, with_values=v is not None,
-                bias_fn=None if bias is None else bias.fn, group=group)
+    setup = plan(q, k, v, ctx, blocks, num_warps, num_stages, interpret, OWNER, mask=mask,
+               normalizer=normalizer, pass_idx=pass_idx, q_positions=q_positions,
+               k_positions=k_positions, q_segment_ids=q_segment_ids,
+               kv_segment_ids=kv_segment_ids, bias=bias)
+    st, (tq_p, tk_p) = setup.st, setup.padded
+    b, hq, tq, d = q.shape
+    bq, nq, group = st.block_q, st.n_q_tiles, st.group
+    lists = block_sparse.block_lists(setup.classes)
 
     def rev(i):
         return nq - 1 - i
@@ -232,28 +281,15 @@ def flash_attention_pass(q, k, v, ctx: dict, *, mask, normalizer, pass_idx: int 
         ins["v"] = (pad_axis(v, tk_p, 2), kv(v.shape[-1]))
     for n in st.ctx_names:
         ins[f"ctx_{n}"] = (pad_axis(jnp.asarray(ctx[n], jnp.float32), tq_p, 2), rows())
-    for f, name in enumerate(q_fields):
-        ins[f"q_{name}"] = (q_info[:, f], pl.BlockSpec((None, bq), lambda i, h, z: (z, rev(i))))
-    for f, name in enumerate(k_fields):
-        ins[f"k_{name}"] = (k_info[:, f], pl.BlockSpec((None, tk_p), lambda i, h, z: (z, 0)))
-    if slopes is not None:
-        ins["slopes"] = (slopes, None)
+    for f, name in enumerate(st.q_fields):
+        ins[f"q_{name}"] = (setup.q_info[:, f], pl.BlockSpec((None, bq),
+                                                           lambda i, h, z: (z, rev(i))))
+    ins |= setup.key_inputs(lambda i, h, z: (z, 0))
     outs = {"lse": (varying_struct((b, hq, tq_p), jnp.float32, (q, k, v)), rows())}
     if v is not None:
         outs = {"o": (varying_struct((b, hq, tq_p, v.shape[-1]), q.dtype, (q, k, v)),
                       rows(v.shape[-1])), **outs}
-    names = list(ins) + list(outs)
-    whole = lambda a, spec: (  # noqa: E731  no BlockSpec: the whole array
-        pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim) if spec is None else spec)
-    result = pl.pallas_call(
-        lambda *refs: _kernel(st, names, *refs),
-        grid=(nq, hq, b),
-        in_specs=[whole(a, s) for a, s in ins.values()],
-        out_specs=[s for _, s in outs.values()],
-        out_shape=[a for a, _ in outs.values()],
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="block_sparse_flash_attention_triton",
-    )(*(a for a, _ in ins.values()))
-    out, lse = (result[0], result[1]) if v is not None else (None, result[0])
+    result = call(_kernel, st, (nq, hq, b), ins, outs, "block_sparse_flash_attention_triton",
+                  setup.launch)
+    out, lse = result.get("o"), result["lse"]
     return (None if out is None else out[:, :, :tq].astype(jnp.float32)), lse[:, :, :tq]
